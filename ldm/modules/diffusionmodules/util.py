@@ -161,9 +161,12 @@ def make_ddim_timesteps(
 
 
 def make_ddim_sampling_parameters(alphacums: torch.Tensor, ddim_timesteps: np.ndarray, eta: float, verbose: bool = True):
-    """(sigmas, alphas, alphas_prev) of DDIM; the first "previous" alpha is alphas_cumprod[0]."""
+    """(sigmas, alphas, alphas_prev) of DDIM; the first "previous" alpha is alphas_cumprod[0], not 1.
+
+    `alphas` stays a float32 tensor; `alphas_prev` and `sigmas` are float64 arrays, as in the original.
+    """
     alphas = alphacums[ddim_timesteps]
-    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
-    alphas_np = alphas.double().numpy() if torch.is_tensor(alphas) else np.asarray(alphas, dtype=np.float64)
+    alphas_prev = np.asarray([float(alphacums[0])] + alphacums[ddim_timesteps[:-1]].tolist(), dtype=np.float64)
+    alphas_np = np.asarray(alphas.tolist(), dtype=np.float64)
     sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas_np) * (1 - alphas_np / alphas_prev))
     return sigmas, alphas, alphas_prev

@@ -1,0 +1,257 @@
+"""The training job behind `tutorial_train.py`, `tutorial_train_sd21.py` and `tutorial_train_dist.py`.
+
+One parser, one `main`: the scripts differ only in their defaults (config, initial weights,
+devices, strategy, epochs), which equal the original scripts' constants.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.accelerators import CUDAAccelerator
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from cldm.logger import ImageLogger
+from cldm.model import create_model, load_state_dict, load_weights
+
+logger = logging.getLogger(__name__)
+
+# Defaults of the original tutorial_train.py; the other scripts override a few of them.
+SINGLE_DEVICE_DEFAULTS: dict[str, Any] = dict(
+    config="./models/cldm_v15.yaml",
+    resume_path="./models/control_sd15_ini.ckpt",
+    batch_size=4,
+    logger_freq=300,
+    learning_rate=1e-5,
+    sd_locked=True,
+    only_mid_control=False,
+    precision="32",
+    num_workers=0,
+    devices=1,
+    num_nodes=1,
+    strategy="auto",
+    max_epochs=None,
+)
+SD21_DEFAULTS = {**SINGLE_DEVICE_DEFAULTS, "config": "./models/cldm_v21.yaml",
+                 "resume_path": "./models/control_sd21_ini.ckpt"}
+DISTRIBUTED_DEFAULTS = {**SINGLE_DEVICE_DEFAULTS, "devices": 8, "strategy": "ddp", "max_epochs": 50}
+
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "16": "16-mixed", "16-mixed": "16-mixed",
+              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
+ACCELERATORS = ("auto", "gpu", "cuda", "cpu")
+# Lightning strategy names we accept, and the package each needs beyond Lightning itself.
+STRATEGIES = {"auto": None, "ddp": None, "ddp_spawn": None, "ddp_find_unused_parameters_true": None,
+              "fsdp": None, "deepspeed_stage_1": "deepspeed", "deepspeed_stage_2": "deepspeed",
+              "deepspeed_stage_2_offload": "deepspeed", "deepspeed_stage_3": "deepspeed"}
+CHECKPOINT_DIRNAME = "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add `--name` and its hyphenated spelling `--na-me` as one option."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.ArgumentParser:
+    """The training CLI; every default is the original script's constant."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    _flag(model, "config", default=defaults["config"], help="model config (yaml, target/params)")
+    _flag(model, "resume_path", default=defaults["resume_path"],
+          help="initial weights: a full ControlLDM checkpoint made by tool_add_control.py")
+    _flag(model, "learning_rate", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
+    _flag(model, "sd_locked", action=argparse.BooleanOptionalAction, default=defaults["sd_locked"],
+          help="keep the Stable Diffusion decoder frozen (--no-sd_locked also trains output blocks and out)")
+    _flag(model, "only_mid_control", action=argparse.BooleanOptionalAction, default=defaults["only_mid_control"],
+          help="inject only the middle-block control residual")
+    _flag(model, "gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+          help="recompute activations in backward (default: the config's use_checkpoint)")
+
+    data = parser.add_argument_group("data")
+    _flag(data, "data_root", default="./training/fill50k", help="folder with prompt.json, source/ and target/")
+    _flag(data, "resolution", type=int, default=None, help="resize images to this size (multiple of 64)")
+    _flag(data, "batch_size", type=int, default=defaults["batch_size"], help="samples per device per step")
+    _flag(data, "num_workers", type=int, default=defaults["num_workers"], help="DataLoader worker processes")
+    _flag(data, "prompt_dropout", type=float, default=0.0, help="probability of training with an empty prompt")
+
+    run = parser.add_argument_group("run")
+    _flag(run, "max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
+    _flag(run, "max_epochs", type=int, default=defaults["max_epochs"], help="stop after this many epochs")
+    _flag(run, "seed", type=int, default=None, help="seed everything (model noise, data order, workers)")
+    _flag(run, "accumulate_grad_batches", type=int, default=1, help="batches per optimizer step")
+    _flag(run, "gradient_clip_val", type=float, default=None, help="clip the gradient norm to this value")
+    _flag(run, "precision", default=defaults["precision"], help="32, bf16-mixed or 16-mixed")
+    _flag(run, "accelerator", default="auto", help="auto, gpu or cpu")
+    _flag(run, "devices", type=int, default=defaults["devices"], help="devices (GPUs or CPU processes) per node")
+    _flag(run, "num_nodes", type=int, default=defaults["num_nodes"], help="nodes (torchrun / SLURM launches)")
+    _flag(run, "strategy", default=defaults["strategy"], help="Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2")
+    _flag(run, "default_root_dir", default=".", help="where logs, image_log/ and checkpoints/ go")
+
+    outputs = parser.add_argument_group("checkpoints and logs")
+    _flag(outputs, "checkpoint_every_n_steps", type=int, default=1000, help="save a checkpoint every N steps")
+    _flag(outputs, "keep_last_k", type=int, default=3, help="step checkpoints to keep (plus last.ckpt)")
+    _flag(outputs, "resume_from_checkpoint", default=None,
+          help="continue an interrupted run from this Lightning checkpoint ('last' finds the newest)")
+    _flag(outputs, "logger_freq", type=int, default=defaults["logger_freq"], help="log image grids every N batches")
+    _flag(outputs, "log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
+    _flag(outputs, "log_max_images", type=int, default=4, help="images per logged grid")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of the arguments, before any heavy work
+# ---------------------------------------------------------------------------------------------
+
+def _check_positive(name: str, value: int | float | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"--{name} must be a positive number, got {value}")
+
+
+def _resolve_resume(value: str | None, root: str) -> str | None:
+    """The checkpoint to resume from; 'last' means `<root>/checkpoints/last.ckpt`."""
+    if value is None:
+        return None
+    path = Path(root, CHECKPOINT_DIRNAME, "last.ckpt") if value == "last" else Path(value)
+    if not path.is_file():
+        hint = f"no {path} yet; start without --resume_from_checkpoint" if value == "last" else "check the path"
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} does not exist ({hint})")
+    return str(path)
+
+
+def _check_hardware(args: argparse.Namespace) -> None:
+    if args.accelerator not in ACCELERATORS:
+        raise ValueError(f"--accelerator '{args.accelerator}' is not one of {', '.join(ACCELERATORS)}")
+    if args.strategy not in STRATEGIES:
+        raise ValueError(f"--strategy '{args.strategy}' is not one of {', '.join(STRATEGIES)}")
+    package = STRATEGIES[args.strategy]
+    if package and importlib.util.find_spec(package) is None:
+        raise ValueError(f"--strategy {args.strategy} needs the '{package}' package: pip install {package}")
+    on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--accelerator {args.accelerator} needs a CUDA GPU and none is visible; use --accelerator cpu")
+    if on_gpu and args.devices > torch.cuda.device_count():
+        raise ValueError(f"--devices {args.devices} asks for more GPUs than the {torch.cuda.device_count()} visible")
+    if args.precision == "16-mixed" and not on_gpu:
+        raise ValueError("--precision 16-mixed needs a GPU; use bf16-mixed or 32 on the CPU")
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate and normalise the arguments; raises ValueError/FileNotFoundError with one clear sentence."""
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"--precision '{args.precision}' is not one of 32, bf16-mixed, 16-mixed")
+    args.precision = PRECISIONS[args.precision]
+    for name in ("batch_size", "logger_freq", "devices", "num_nodes", "accumulate_grad_batches",
+                 "checkpoint_every_n_steps", "keep_last_k", "log_ddim_steps", "learning_rate"):
+        _check_positive(name, getattr(args, name), allow_none=False)
+    _check_positive("max_epochs", args.max_epochs)
+    if args.num_workers < 0:
+        raise ValueError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if not 0.0 <= args.prompt_dropout <= 1.0:
+        raise ValueError(f"--prompt_dropout must be in [0, 1], got {args.prompt_dropout}")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
+        raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
+    _check_hardware(args)
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config: {args.config} does not exist")
+    args.resume_from_checkpoint = _resolve_resume(args.resume_from_checkpoint, args.default_root_dir)
+    if args.resume_from_checkpoint is None and not Path(args.resume_path).is_file():
+        raise FileNotFoundError(
+            f"--resume_path: {args.resume_path} does not exist; make it with "
+            f"`python tool_add_control.py <stable-diffusion.ckpt> {args.resume_path}`")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pieces
+# ---------------------------------------------------------------------------------------------
+
+def build_model(args: argparse.Namespace) -> pl.LightningModule:
+    """The ControlLDM of `--config` with the initial weights (skipped when resuming a run)."""
+    model = create_model(args.config)
+    if args.resume_from_checkpoint is None:
+        load_weights(model, load_state_dict(args.resume_path, location="cpu"), source=args.resume_path,
+                     config=args.config)
+    model.learning_rate = args.learning_rate
+    model.sd_locked = args.sd_locked
+    model.only_mid_control = args.only_mid_control
+    if args.gradient_checkpointing is not None:
+        model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
+        model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
+    return model
+
+
+def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
+    """Shuffled Fill50K-format data; Lightning shards it per rank under DDP."""
+    from tutorial_dataset import MyDataset
+
+    dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
+                        seed=args.seed)
+    if args.batch_size > len(dataset):
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
+                         f"{args.data_root}; use a smaller batch size")
+    workers = args.num_workers
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                      pin_memory=on_gpu, persistent_workers=workers > 0)
+
+
+def build_loggers(root: str) -> list:
+    """CSV logs always, TensorBoard too when it is installed."""
+    loggers = [CSVLogger(save_dir=root, name="lightning_logs")]
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        loggers.append(TensorBoardLogger(save_dir=root, name="lightning_logs"))
+    return loggers
+
+
+def build_callbacks(args: argparse.Namespace) -> list[pl.Callback]:
+    image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
+                               log_images_kwargs={"ddim_steps": args.log_ddim_steps})
+    checkpoints = ModelCheckpoint(
+        dirpath=os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME), filename="step-{step:07d}",
+        auto_insert_metric_name=False, monitor="step", mode="max", save_top_k=args.keep_last_k,
+        every_n_train_steps=args.checkpoint_every_n_steps, save_last=True, save_on_exception=True)
+    throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
+    return [image_logger, checkpoints, LearningRateMonitor(logging_interval="step"), throughput]
+
+
+def build_trainer(args: argparse.Namespace) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
+        accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
+        default_root_dir=args.default_root_dir, callbacks=build_callbacks(args),
+        logger=build_loggers(args.default_root_dir), log_every_n_steps=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: str) -> int:
+    """Parse, check, build and fit; prints where the image logs and checkpoints are."""
+    args = check_args(build_parser(defaults, description).parse_args(argv))
+    if args.seed is not None:
+        pl.seed_everything(args.seed, workers=True)
+    trainer = build_trainer(args)
+    dataloader = build_dataloader(args, on_gpu=isinstance(trainer.accelerator, CUDAAccelerator))
+    model = build_model(args)
+    trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
+    rank_zero_info(f"Image grids: {os.path.join(args.default_root_dir, 'image_log', 'train')}")
+    rank_zero_info(f"Checkpoints: {os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)}")
+    return 0
