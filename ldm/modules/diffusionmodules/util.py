@@ -23,16 +23,16 @@ def make_beta_schedule(
 ) -> np.ndarray:
     """Betas of a diffusion schedule, computed in float64 (the original's "linear" is scaled-linear)."""
     if schedule == "linear":
-        betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+        betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
     elif schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
         alphas = alphas / alphas[0]
         betas = (1 - alphas[1:] / alphas[:-1]).clamp(min=0, max=0.999)
     elif schedule == "sqrt_linear":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     elif schedule == "sqrt":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     else:
         raise ValueError(f"unknown beta schedule '{schedule}' (expected linear, cosine, sqrt_linear or sqrt)")
     return betas.numpy()
@@ -157,7 +157,9 @@ def make_ddim_timesteps(
     else:
         raise ValueError(f"unknown DDIM discretisation '{ddim_discr_method}' (expected uniform or quad)")
     # add one to get the final alpha values right (the ones from first scale to data during sampling)
-    return ddim_timesteps + 1
+    ddim_timesteps = ddim_timesteps + 1
+    # Some step counts (3, 9, 27, 37, ...) would reach timestep T, which does not exist (the original crashed).
+    return ddim_timesteps[ddim_timesteps < num_ddpm_timesteps]
 
 
 def make_ddim_sampling_parameters(alphacums: torch.Tensor, ddim_timesteps: np.ndarray, eta: float, verbose: bool = True):

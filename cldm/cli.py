@@ -1,0 +1,45 @@
+"""How every script reports user errors: `error: ...` on stderr and exit code 2; tracebacks only with --debug."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+# Errors that describe a problem with the user's input or environment (files, folders, values), not a bug.
+USER_ERRORS = (OSError, ValueError)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--debug` flag that `run` looks for."""
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+
+
+def _exit_code(error: SystemExit) -> int:
+    """The integer exit status of a SystemExit (argparse uses 0 for --help and 2 for bad arguments)."""
+    if error.code is None or isinstance(error.code, int):
+        return error.code or 0
+    print(error.code, file=sys.stderr)
+    return 1
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call `main(argv)` and turn user errors into `error: <message>` with exit code 2 (130 on Ctrl-C)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    try:
+        return main(args) or 0
+    except SystemExit as error:
+        return _exit_code(error)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,51 @@
+"""Write a randomly initialised "Stable Diffusion" checkpoint of a config, for demos, tests and benchmarks.
+
+The file has the layout of a real SD checkpoint of that architecture (every key of the config's
+ControlLDM except `control_model.*`), so `tool_add_control.py` treats it like v1-5-pruned.ckpt.
+It is not a usable image model: real images need the real SD1.5 / SD2.1 weights.
+
+    python tool_make_random_sd.py --config models/cldm_tiny.yaml ./models/tiny_sd.ckpt
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from cldm.checkpoint_io import check_output_path, save_state_dict
+from cldm.cli import add_debug_argument, run
+from cldm.model import check_config_path, create_model
+
+logger = logging.getLogger(__name__)
+
+
+def random_base_state_dict(config_path: str, seed: int) -> dict[str, torch.Tensor]:
+    """The state dict of `config_path`'s model with random weights, without the ControlNet."""
+    torch.manual_seed(seed)
+    model = create_model(config_path)
+    return {key: value for key, value in model.state_dict().items() if not key.startswith("control_model.")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="checkpoint to write (.ckpt, .pth or .safetensors)")
+    parser.add_argument("--config", default="./models/cldm_tiny.yaml", help="model config (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    add_debug_argument(parser)
+    args = parser.parse_args(argv)
+    check_config_path(args.config)
+    check_output_path(args.output)
+    start = time.perf_counter()
+    state_dict = random_base_state_dict(args.config, args.seed)
+    save_state_dict(state_dict, args.output)
+    logger.info("Wrote %d random tensors (%s layout) to %s in %.1f s.", len(state_dict), args.config, args.output,
+                time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
