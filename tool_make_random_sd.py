@@ -23,10 +23,28 @@ from cldm.model import check_config_path, create_model
 logger = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every parameter random, non-zero values of a sensible scale.
+
+    A freshly built model is degenerate as a "pretrained" one: the zero-initialised output layers
+    (UNet `out`, ResBlock `out_layers`, transformer `proj_out`) make the UNet ignore its input.
+    Weights get N(0, 1/fan_in), normalisation scales 1 + N(0, 0.02^2), biases N(0, 0.02^2).
+    """
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        if param.ndim >= 2:
+            param.copy_(noise / param[0].numel() ** 0.5)
+        elif name.endswith("weight"):
+            param.copy_(1.0 + 0.02 * noise)
+        else:
+            param.copy_(0.02 * noise)
+
+
 def random_base_state_dict(config_path: str, seed: int) -> dict[str, torch.Tensor]:
-    """The state dict of `config_path`'s model with random weights, without the ControlNet."""
-    torch.manual_seed(seed)
+    """A random-weight state dict of `config_path`'s model, without the ControlNet."""
     model = create_model(config_path)
+    randomize_(model, torch.Generator().manual_seed(seed))
     return {key: value for key, value in model.state_dict().items() if not key.startswith("control_model.")}
 
 

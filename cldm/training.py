@@ -9,18 +9,20 @@ import argparse
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.accelerators import CUDAAccelerator
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from cldm.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StepCheckpoint
+from cldm.cli import EXIT_INTERRUPTED
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
 
@@ -100,6 +102,7 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     _flag(run, "num_nodes", type=int, default=defaults["num_nodes"], help="nodes (torchrun / SLURM launches)")
     _flag(run, "strategy", default=defaults["strategy"], help="Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2")
     _flag(run, "default_root_dir", default=".", help="where logs, image_log/ and checkpoints/ go")
+    _flag(run, "skip_nonfinite", action="store_true", help="skip batches with a NaN/inf loss instead of stopping")
 
     outputs = parser.add_argument_group("checkpoints and logs")
     _flag(outputs, "checkpoint_every_n_steps", type=int, default=1000, help="save a checkpoint every N steps")
@@ -220,14 +223,16 @@ def build_loggers(root: str) -> list:
 
 
 def build_callbacks(args: argparse.Namespace) -> list[pl.Callback]:
+    checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
                                log_images_kwargs={"ddim_steps": args.log_ddim_steps})
-    checkpoints = ModelCheckpoint(
-        dirpath=os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME), filename="step-{step:07d}",
-        auto_insert_metric_name=False, monitor="step", mode="max", save_top_k=args.keep_last_k,
-        every_n_train_steps=args.checkpoint_every_n_steps, save_last=True, save_on_exception=True)
+    checkpoints = StepCheckpoint(
+        dirpath=checkpoint_dir, filename="step-{step:07d}", auto_insert_metric_name=False, monitor="step",
+        mode="max", save_top_k=args.keep_last_k, every_n_train_steps=args.checkpoint_every_n_steps, save_last=True,
+        save_on_exception=True)
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
-    return [image_logger, checkpoints, LearningRateMonitor(logging_interval="step"), throughput]
+    return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite), RandomStateCheckpoint(), image_logger,
+            checkpoints, LearningRateMonitor(logging_interval="step"), throughput]
 
 
 def build_trainer(args: argparse.Namespace) -> pl.Trainer:
@@ -246,12 +251,20 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
 def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: str) -> int:
     """Parse, check, build and fit; prints where the image logs and checkpoints are."""
     args = check_args(build_parser(defaults, description).parse_args(argv))
+    # The frozen VAE and text encoder are in eval mode by design; FLOPs are not needed for samples/s.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
-    trainer = build_trainer(args)
-    dataloader = build_dataloader(args, on_gpu=isinstance(trainer.accelerator, CUDAAccelerator))
+    on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+    dataloader = build_dataloader(args, on_gpu=on_gpu)
     model = build_model(args)
+    trainer = build_trainer(args)
     trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
+    checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     rank_zero_info(f"Image grids: {os.path.join(args.default_root_dir, 'image_log', 'train')}")
-    rank_zero_info(f"Checkpoints: {os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)}")
+    rank_zero_info(f"Checkpoints: {checkpoint_dir}")
+    if trainer.interrupted:
+        rank_zero_info(f"Stopped early at step {trainer.global_step}; continue with --resume_from_checkpoint last")
+        return EXIT_INTERRUPTED
     return 0
