@@ -19,13 +19,13 @@ GUIDANCE_MODES = ("batched", "sequential")
 
 def _concat_conditioning(uncond: Any, cond: Any) -> Any:
     """Stack unconditional and conditional inputs along the batch, as [uncond, cond]."""
+    if cond is None or uncond is None:
+        raise ValueError("batched guidance needs the same conditioning structure with and without the prompt; "
+                         "use guidance='sequential' (cldm.ddim_hacked.DDIMSampler) for a None entry such as guess mode")
     if isinstance(cond, dict):
         return {key: _concat_conditioning(uncond[key], value) for key, value in cond.items()}
     if isinstance(cond, list):
         return [torch.cat([u, c]) for u, c in zip(uncond, cond)]
-    if cond is None or uncond is None:
-        raise ValueError("batched guidance needs the same conditioning structure with and without the prompt; "
-                         "use guidance='sequential' (cldm.ddim_hacked.DDIMSampler) for a None entry such as guess mode")
     return torch.cat([uncond, cond])
 
 
