@@ -1,10 +1,18 @@
 """Shared test set-up: the repository root on sys.path, fixture paths, small helpers."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# One intra-op thread per test process: the suite starts training subprocesses (DDP ranks, kill/resume
+# runs) beside the pytest process, and OpenMP threads oversubscribing 2 cores slow steps down 10-20x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
