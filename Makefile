@@ -23,7 +23,7 @@ DEMO_DIR ?= demo_run
 TINY := models/cldm_tiny.yaml
 
 demo: setup
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	$(PY) tool_make_fill50k.py --out $(DEMO_DIR)/fill50k --count 1000 --size 64 --quiet
 	$(PY) tool_make_random_sd.py --config $(TINY) $(DEMO_DIR)/tiny_sd.ckpt
 	$(PY) tool_add_control.py --config $(TINY) $(DEMO_DIR)/tiny_sd.ckpt $(DEMO_DIR)/control_tiny_ini.ckpt
