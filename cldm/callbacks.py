@@ -1,8 +1,12 @@
-"""Lightning callbacks of the training job: exact resume of random streams and a non-finite loss guard."""
+"""Lightning callbacks of the training job: exact resume of random streams, a non-finite loss guard, a graceful
+Ctrl-C and step checkpoints that are saved on interruption."""
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
+
+from cldm.checkpoint_io import stale_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +51,23 @@ class RandomStateCheckpoint(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN or infinite loss (or gradients)."""
+
+
+def _gradients_are_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient of the optimizer's parameters is finite (one device sync, not one per tensor)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())
 
 
 class NonFiniteLossGuard(Callback):
-    """Stops training (or skips the batch) when the loss is NaN or infinite, before the optimizer step.
+    """Stops training (or skips the step) when the loss or the gradients are NaN or infinite, before the optimizer
+    step, so the weights and the checkpoints on disk stay finite. All ranks take the same decision.
 
     Args:
         checkpoint_dir: where the run's checkpoints are, to name the last good one in the message.
-        skip: skip such batches (no optimizer step) instead of stopping.
+        skip: skip such steps (the optimizer leaves every parameter and its state unchanged) instead of stopping.
     """
 
     def __init__(self, checkpoint_dir: str | Path, skip: bool = False):
@@ -61,36 +75,89 @@ class NonFiniteLossGuard(Callback):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.skip = skip
         self.skipped = 0
+        self._pending_skip: str | None = None
 
-    def _last_good_checkpoint(self) -> str:
+    def _stop_message(self, problem: str, step: int) -> str:
         last = self.checkpoint_dir / "last.ckpt"
-        return str(last) if last.is_file() else "none saved yet"
+        resume = (f"the last good checkpoint is {last}: resume from it with --resume_from_checkpoint last"
+                  if last.is_file() else "no checkpoint was saved before it: start again")
+        return (f"{problem} at step {step}, so training stopped; {resume} after lowering --learning_rate or using "
+                f"--precision 32, or pass --skip_nonfinite to skip such steps")
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss).all():
+        if trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss).all()), all=True):
             return
-        step = trainer.global_step
         if not self.skip:
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {step}; training stopped. Last good checkpoint: "
-                f"{self._last_good_checkpoint()} (lower --learning_rate, use --precision 32, or pass "
-                f"--skip_nonfinite to skip such batches)")
-        self.skipped += 1
-        logger.warning("non-finite loss at step %d: batch skipped (%d so far)", step, self.skipped)
+            raise NonFiniteLossError(self._stop_message(f"the loss became {loss.item()}", trainer.global_step))
+        self._pending_skip = f"loss {loss.item()}"
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        """Drop non-finite gradients so the optimizer leaves every parameter (and its state) unchanged."""
-        if self.skip and any(p.grad is not None and not torch.isfinite(p.grad).all()
-                             for group in optimizer.param_groups for p in group["params"]):
-            optimizer.zero_grad(set_to_none=True)
+        reason, self._pending_skip = self._pending_skip, None
+        if reason is None:
+            # With 16-mixed the GradScaler skips steps with infinite gradients (and lowers its scale) by itself.
+            if getattr(trainer.precision_plugin, "scaler", None) is not None:
+                return
+            if trainer.strategy.reduce_boolean_decision(_gradients_are_finite(optimizer), all=True):
+                return
+            if not self.skip:
+                raise NonFiniteLossError(self._stop_message("the gradients became non-finite", trainer.global_step))
+            reason = "non-finite gradients"
+        optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
+        self.skipped += 1
+        if trainer.is_global_zero:
+            logger.warning("step %d skipped (%s); %d skipped so far", trainer.global_step, reason, self.skipped)
+
+
+class GracefulStop(Callback):
+    """Makes Ctrl-C (SIGINT) stop training the way Lightning handles SIGTERM: the current step finishes, a
+    checkpoint is saved and `fit` ends interrupted, so the run resumes exactly. A second Ctrl-C stops at once."""
+
+    _previous_handler: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._stop_after_this_step)
+
+    def _stop_after_this_step(self, signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous_handler)
+        logger.warning("Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to stop now)")
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's own SIGTERM handling takes it from here
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` that also saves on interruption (SIGTERM, Ctrl-C, errors), but never after a
-    non-finite loss, so the last good checkpoint stays the one on disk."""
+    """`ModelCheckpoint` that also saves when training is interrupted (SIGTERM, Ctrl-C, errors) after making
+    progress, but never after a non-finite loss, so the last good checkpoint stays the one on disk. At start it
+    removes the temporary files of saves that a killed process left behind."""
+
+    _start_step: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath is not None:
+            for path in stale_temporary_files(self.dirpath):
+                path.unlink(missing_ok=True)
+                rank_zero_info(f"Removed {path}, an incomplete checkpoint of an interrupted save")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_step = trainer.global_step
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, NonFiniteLossError):
-            return
-        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, NonFiniteLossError) or self._start_step in (None, trainer.global_step):
+            return  # nothing trained since the start (or since the checkpoint resumed from): nothing to save
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        except OSError as error:  # e.g. the disk is full: report the exception that stopped training, not this one
+            logger.warning("could not save a checkpoint while stopping: %s", error)

@@ -1,12 +1,14 @@
 """Checkpoint files: safe reading, atomic writing, output checks and telling which model a state dict holds."""
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 import pickle
 import re
 import secrets
+import shutil
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -44,6 +46,10 @@ ALLOWED_PICKLE_GLOBALS = (
 
 _GLOBAL_IN_ERROR = re.compile(r"GLOBAL ([\w.]+)")
 
+# `atomic_path` writes `.<name>.<8 hex digits>.tmp` next to the target.
+_TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
 # ---------------------------------------------------------------------------------------------
 # Paths: what the user gave us
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +77,11 @@ def check_input_path(path: PathLike, role: str = "checkpoint") -> None:
         )
     if kind == "folder":
         raise IsADirectoryError(f"{role} '{path}' is a folder; pass a .ckpt, .pth or .safetensors file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise PermissionError(f"{role} '{path}' is not readable (permission denied); check its permissions") from None
 
 
 def checkpoint_format(path: PathLike) -> str:
@@ -159,13 +170,12 @@ def _not_a_checkpoint(path: Path, detail: str) -> ValueError:
     return ValueError(f"checkpoint '{path}' is truncated or not a checkpoint ({detail}); re-download or re-export it")
 
 
-def _read_torch_checkpoint(path: Path, location: str | torch.device) -> Any:
-    """`torch.load` with weights_only=True, the allow-listed globals as placeholders, mmap for zip files."""
+def _read_torch_checkpoint(path: Path, location: str | torch.device, use_mmap: bool) -> Any:
+    """`torch.load` with weights_only=True and the allow-listed globals as placeholders (mmap: zip files only)."""
     try:
         with torch.serialization.safe_globals(_PLACEHOLDERS):
-            return torch.load(
-                path, map_location=torch.device(location), weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
+            use_mmap = use_mmap and zipfile.is_zipfile(path)
+            return torch.load(path, map_location=torch.device(location), weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as error:
         refused = _refused_global(path, error)
         if refused is None:
@@ -174,8 +184,10 @@ def _read_torch_checkpoint(path: Path, location: str | torch.device) -> Any:
             f"checkpoint '{path}' was refused because it would import '{refused}', which can run arbitrary code "
             f"when loaded; if you trust the file, convert it to .safetensors in a trusted environment and pass that"
         ) from error
-    except OSError:
-        raise
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # a real read error (the disk, the network file system): say so as it is
+            raise
+        raise _not_a_checkpoint(path, "its zip structure points outside the file") from error
     except Exception as error:  # any parse failure of untrusted bytes means "not a readable checkpoint"
         raise _not_a_checkpoint(path, f"{type(error).__name__} {error}") from error
 
@@ -199,15 +211,26 @@ def _tensors_only(state_dict: Mapping[Any, Any], path: Path) -> dict[str, torch.
     return tensors
 
 
-def read_state_dict(path: PathLike, location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read the flat {key: tensor} state dict of a .safetensors/.ckpt/.pth file without running pickled code."""
+def read_checkpoint(path: PathLike, location: str | torch.device = "cpu", mmap: bool = True) -> Any:
+    """Everything a .safetensors/.ckpt/.pth file holds, read without running pickled code.
+
+    Args:
+        location: device the tensors are loaded to.
+        mmap: memory-map the tensors of zip-format torch files instead of reading them (cheap to inspect).
+    """
     path = Path(path)
     check_input_path(path)
     if path.stat().st_size == 0:
         raise _not_a_checkpoint(path, "the file is empty")
     if path.suffix.lower() == SAFETENSORS_SUFFIX:
         return _read_safetensors(path, location)
-    checkpoint = _read_torch_checkpoint(path, location)
+    return _read_torch_checkpoint(path, location, mmap)
+
+
+def read_state_dict(path: PathLike, location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read the flat {key: tensor} state dict of a .safetensors/.ckpt/.pth file without running pickled code."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path, location)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a state dict")
     state_dict = get_state_dict(get_state_dict(checkpoint))
@@ -230,11 +253,43 @@ def _fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+# Errors of a write that ran out of space; torch and safetensors report them without an errno.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # safetensors' (Rust's) wording
+_NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def _ran_out_of_space(error: Exception, folder: Path) -> bool:
+    """Whether a failed write failed for lack of disk space (or quota)."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        match = _OS_ERROR_CODE.search(str(error))
+        code = int(match.group(1)) if match else None
+    if code is not None:
+        return code in _DISK_FULL_ERRNOS
+    if not isinstance(error, RuntimeError):
+        return False
+    try:  # torch.save reports a failed write as a RuntimeError without the cause: look at the disk itself
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _disk_full_error(target: Path) -> OSError:
+    error = OSError(f"No space left on device while writing '{target}'; free some space or choose another folder "
+                    f"(nothing was written)")
+    error.errno = errno.ENOSPC
+    return error
+
+
 @contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is fsync'd and renamed to `path`, on failure removed."""
+    """Yield a temporary path next to `path`; on success it is fsync'd and renamed to `path`, on failure removed.
+
+    A write that runs out of disk space raises an OSError (errno ENOSPC) that names `path`.
+    """
     target = Path(path)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
     os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # reserve the name; umask applies
     permissions = temp.stat().st_mode & 0o777
     try:
@@ -242,13 +297,27 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         os.chmod(temp, permissions)  # writers that recreate the file (safetensors) would leave it private (0600)
         _fsync_path(temp)
         os.replace(temp, target)
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
+    except Exception as error:
+        out_of_space = _ran_out_of_space(error, target.parent)  # asked before the partial file frees its space
+        temp.unlink(missing_ok=True)
+        if out_of_space:
+            raise _disk_full_error(target) from error
+        raise
+    except BaseException:  # KeyboardInterrupt, SystemExit: never leave a partial file behind either
         temp.unlink(missing_ok=True)
         raise
     try:
         _fsync_path(target.parent)  # make the rename itself durable
     except OSError:
         logger.debug("could not fsync folder %s (not supported on this platform)", target.parent)
+
+
+def stale_temporary_files(folder: PathLike) -> list[Path]:
+    """Temporary files that `atomic_path` left in `folder` when its process was killed mid-write."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if _TEMPORARY_NAME.match(path.name) and path.is_file())
 
 
 @contextmanager

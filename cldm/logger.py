@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from contextlib import nullcontext
+import random
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torchvision
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
-from cldm.checkpoint_io import atomic_write
+from cldm.checkpoint_io import atomic_write, stale_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,37 @@ def image_grid(images: torch.Tensor, rescale: bool = True) -> np.ndarray:
     return (grid * 255).astype(np.uint8)
 
 
+@contextmanager
+def preserved_random_state(device: torch.device) -> Iterator[None]:
+    """Run a block without moving any random stream the training loop draws from (Python, NumPy, torch)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run a block with every submodule in eval mode, then give each its own training flag back."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
 class ImageLogger(Callback):
     """Every `batch_frequency` batches, calls `pl_module.log_images(batch)` and saves one grid per key.
 
     Files are `image_log/<split>/<key>_gs-XXXXXX_e-XXXXXX_b-XXXXXX.png` under the logger's save dir.
-    Sampling runs on rank 0 only, in eval mode without gradients, and restores the RNG state and the
-    training mode afterwards, so logging never changes the training trajectory. An error while logging
-    is reported and training goes on.
+    Sampling runs on rank 0 only, in eval mode without gradients, and restores the random states and each
+    module's training mode afterwards, so logging never changes the training trajectory. An error while
+    logging (out of memory, a full disk) is reported and training goes on.
 
     Args:
         batch_frequency: log when `batch_idx % batch_frequency == 0` (as the original: per epoch).
@@ -63,10 +88,20 @@ class ImageLogger(Callback):
     def check_frequency(self, check_idx: int) -> bool:
         return check_idx % self.batch_freq == 0
 
+    @staticmethod
+    def image_dir(save_dir: str | None, split: str) -> str:
+        """Where the grids of `split` go: `<save_dir>/image_log/<split>`."""
+        return os.path.join(save_dir, "image_log", split) if save_dir else split
+
+    @staticmethod
+    def save_dir(trainer: pl.Trainer) -> str:
+        """The logger's save dir (the run's root folder), where `image_log/` goes."""
+        return trainer.logger.save_dir if trainer.logger is not None else trainer.default_root_dir
+
     def log_local(self, save_dir: str, split: str, images: Mapping[str, torch.Tensor], global_step: int,
                   current_epoch: int, batch_idx: int) -> list[str]:
         """Save one PNG grid per key; returns the paths written."""
-        root = os.path.join(save_dir, "image_log", split) if save_dir else split
+        root = self.image_dir(save_dir, split)
         os.makedirs(root, exist_ok=True)
         paths = []
         for key, batch in images.items():
@@ -80,15 +115,9 @@ class ImageLogger(Callback):
     def sample_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                       split: str) -> dict[str, torch.Tensor]:
         """Call `log_images` in eval mode, without gradients, under the trainer's precision context."""
-        was_training = pl_module.training
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         precision = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
-        pl_module.eval()
-        try:
-            with torch.random.fork_rng(devices=devices), torch.inference_mode(), precision:
-                images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
-        finally:
-            pl_module.train(was_training)
+        with eval_mode(pl_module), preserved_random_state(pl_module.device), torch.inference_mode(), precision:
+            images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         selected = {}
         for key, value in images.items():
             if isinstance(value, torch.Tensor):
@@ -102,11 +131,19 @@ class ImageLogger(Callback):
             return
         try:
             images = self.sample_images(trainer, pl_module, batch, split)
-            save_dir = trainer.logger.save_dir if trainer.logger is not None else trainer.default_root_dir
-            self.log_local(save_dir, split, images, pl_module.global_step, pl_module.current_epoch, batch_idx)
+            self.log_local(self.save_dir(trainer), split, images, pl_module.global_step, pl_module.current_epoch,
+                           batch_idx)
         except Exception as error:  # a failed sample grid must not end a multi-day run
-            logger.warning("image logging failed at step %d and was skipped: %s: %s",
+            logger.warning("image logging failed at step %d and was skipped (training goes on; lower "
+                           "--log_max_images or --log_ddim_steps if it runs out of memory): %s: %s",
                            pl_module.global_step, type(error).__name__, error)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remove the temporary files of grids that a killed run was writing."""
+        if self.disabled or trainer.global_rank != 0:
+            return
+        for path in stale_temporary_files(self.image_dir(self.save_dir(trainer), "train")):
+            path.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -19,10 +19,13 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
-from cldm.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StepCheckpoint
+from cldm.atomic_checkpoint_io import AtomicCheckpointIO
+from cldm.callbacks import GracefulStop, NonFiniteLossGuard, RandomStateCheckpoint, StepCheckpoint
+from cldm.checkpoint_io import BASE_MODEL_DESCRIPTIONS, detect_base_model, read_checkpoint
 from cldm.cli import EXIT_INTERRUPTED
+from cldm.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
 
@@ -56,6 +59,10 @@ STRATEGIES = {"auto": None, "ddp": None, "ddp_spawn": None, "ddp_find_unused_par
               "fsdp": None, "deepspeed_stage_1": "deepspeed", "deepspeed_stage_2": "deepspeed",
               "deepspeed_stage_2_offload": "deepspeed", "deepspeed_stage_3": "deepspeed"}
 CHECKPOINT_DIRNAME = "checkpoints"
+# What a Lightning training checkpoint (what --resume_from_checkpoint continues) holds beyond model weights.
+TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
+# Image sides must be multiples of this: the VAE downsamples 8x and the UNet three more times.
+IMAGE_SIZE_MULTIPLE = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +142,20 @@ def _resolve_resume(value: str | None, root: str) -> str | None:
     if not path.is_file():
         hint = f"no {path} yet; start without --resume_from_checkpoint" if value == "last" else "check the path"
         raise FileNotFoundError(f"--resume_from_checkpoint: {path} does not exist ({hint})")
+    _check_training_checkpoint(path)
     return str(path)
+
+
+def _check_training_checkpoint(path: Path) -> None:
+    """Refuse a damaged, unsafe or weights-only file before training starts (tensors are memory-mapped, not read)."""
+    try:
+        checkpoint = read_checkpoint(path, mmap=True)
+    except ValueError as error:
+        raise ValueError(f"--resume_from_checkpoint: {error}") from error
+    missing = [key for key in TRAINING_CHECKPOINT_KEYS if not isinstance(checkpoint, Mapping) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint: {path} is not a training checkpoint (it has no "
+                         f"{', '.join(missing)}); to start a new run from its weights pass it as --resume_path")
 
 
 def _check_hardware(args: argparse.Namespace) -> None:
@@ -148,9 +168,13 @@ def _check_hardware(args: argparse.Namespace) -> None:
         raise ValueError(f"--strategy {args.strategy} needs the '{package}' package: pip install {package}")
     on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
     if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--accelerator {args.accelerator} needs a CUDA GPU and none is visible; use --accelerator cpu")
+        raise ValueError(f"--accelerator {args.accelerator} needs a CUDA GPU and none is visible; "
+                         f"use --accelerator cpu")
     if on_gpu and args.devices > torch.cuda.device_count():
         raise ValueError(f"--devices {args.devices} asks for more GPUs than the {torch.cuda.device_count()} visible")
+    if args.accelerator == "auto" and not on_gpu and args.devices > 1:
+        raise ValueError(f"--devices {args.devices}: no GPU is visible, so this would start {args.devices} CPU "
+                         f"processes; pass --accelerator cpu to do that on purpose, or --devices 1")
     if args.precision == "16-mixed" and not on_gpu:
         raise ValueError("--precision 16-mixed needs a GPU; use bf16-mixed or 32 on the CPU")
 
@@ -185,12 +209,23 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 # Building the pieces
 # ---------------------------------------------------------------------------------------------
 
+def _load_initial_weights(model: pl.LightningModule, args: argparse.Namespace) -> None:
+    """`--resume_path` into the model, strictly; a plain Stable Diffusion checkpoint gets the tool to run first."""
+    state_dict = load_state_dict(args.resume_path, location="cpu")
+    kind = detect_base_model(state_dict)
+    if kind in ("sd1", "sd2"):
+        tool = "tool_add_control.py" if kind == "sd1" else "tool_add_control_sd21.py"
+        raise ValueError(f"--resume_path {args.resume_path} is {BASE_MODEL_DESCRIPTIONS[kind]} without a ControlNet; "
+                         f"make the initial weights with `python {tool} {args.resume_path} <output.ckpt>` and pass "
+                         f"those")
+    load_weights(model, state_dict, source=args.resume_path, config=args.config)
+
+
 def build_model(args: argparse.Namespace) -> pl.LightningModule:
     """The ControlLDM of `--config` with the initial weights (skipped when resuming a run)."""
     model = create_model(args.config)
     if args.resume_from_checkpoint is None:
-        load_weights(model, load_state_dict(args.resume_path, location="cpu"), source=args.resume_path,
-                     config=args.config)
+        _load_initial_weights(model, args)
     model.learning_rate = args.learning_rate
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
@@ -200,8 +235,36 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
     return model
 
 
+def check_dataset(root: str, resolution: int | None) -> None:
+    """Fail before training rather than hours into it: every listed image exists, and the first item loads at a
+    size the model takes (a corrupt image further on is reported when it is read)."""
+    from tutorial_dataset import MyDataset
+
+    probe = MyDataset(root=root)
+    listed = [os.path.join(root, record[key]) for record in probe.data for key in ("source", "target")]
+    missing = [path for path in listed if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {root}/prompt.json do not "
+                                f"exist (the first is {missing[0]}); restore them or remove their lines")
+    height, width = probe[0]["jpg"].shape[:2]
+    if resolution is None and (height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE):
+        raise ValueError(f"the images in {root} are {width}x{height} px but the model needs sides that are "
+                         f"multiples of {IMAGE_SIZE_MULTIPLE}; pass --resolution 512 (or another multiple of "
+                         f"{IMAGE_SIZE_MULTIPLE}) to resize them")
+
+
+def collate_same_size(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate`, with a clear error when one batch mixes image sizes."""
+    sizes = sorted({item["jpg"].shape[:2] for item in batch})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{width}x{height}" for height, width in sizes)
+        raise ValueError(f"one batch mixes images of different sizes ({shown} px); pass --resolution 512 (or another "
+                         f"multiple of {IMAGE_SIZE_MULTIPLE}) to resize them all")
+    return default_collate(batch)
+
+
 def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
-    """Shuffled Fill50K-format data; Lightning shards it per rank under DDP."""
+    """Fill50K-format data, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank."""
     from tutorial_dataset import MyDataset
 
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
@@ -209,9 +272,14 @@ def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
     if args.batch_size > len(dataset):
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
                          f"{args.data_root}; use a smaller batch size")
+    check_dataset(args.data_root, args.resolution)
+    sampler = ResumableRandomSampler(len(dataset), args.seed)
+    # Each new iterator draws its workers' base seed from `generator`; from the global random stream it would take
+    # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
+    generator = torch.Generator().manual_seed(sampler.seed)
     workers = args.num_workers
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                      pin_memory=on_gpu, persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, generator=generator, num_workers=workers,
+                      collate_fn=collate_same_size, pin_memory=on_gpu, persistent_workers=workers > 0)
 
 
 def build_loggers(root: str) -> list:
@@ -222,31 +290,43 @@ def build_loggers(root: str) -> list:
     return loggers
 
 
-def build_callbacks(args: argparse.Namespace) -> list[pl.Callback]:
+def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -> list[pl.Callback]:
+    """Guards, exact-resume state, image logs, step checkpoints, learning rate and throughput monitors."""
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
                                log_images_kwargs={"ddim_steps": args.log_ddim_steps})
     checkpoints = StepCheckpoint(
         dirpath=checkpoint_dir, filename="step-{step:07d}", auto_insert_metric_name=False, monitor="step",
         mode="max", save_top_k=args.keep_last_k, every_n_train_steps=args.checkpoint_every_n_steps, save_last=True,
-        save_on_exception=True)
+        save_on_exception=True, enable_version_counter=False)
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
-    return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite), RandomStateCheckpoint(), image_logger,
-            checkpoints, LearningRateMonitor(logging_interval="step"), throughput]
+    return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite), RandomStateCheckpoint(),
+            DataOrderCheckpoint(sampler, args.batch_size), GracefulStop(), image_logger, checkpoints,
+            LearningRateMonitor(logging_interval="step"), throughput]
 
 
-def build_trainer(args: argparse.Namespace) -> pl.Trainer:
+def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:
+    """The Lightning Trainer of the run; checkpoints are written atomically and read safely."""
     return pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
         accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
-        default_root_dir=args.default_root_dir, callbacks=build_callbacks(args),
-        logger=build_loggers(args.default_root_dir), log_every_n_steps=1)
+        default_root_dir=args.default_root_dir, callbacks=build_callbacks(args, sampler),
+        plugins=[AtomicCheckpointIO()], logger=build_loggers(args.default_root_dir), log_every_n_steps=1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+def _worker_error_message(error: Exception) -> str | None:
+    """The original one-line message of a DataLoader worker's error, which the main process re-raises with the
+    worker's traceback in its message; None for any other error."""
+    lines = str(error).rstrip().splitlines()
+    if len(lines) < 2 or not lines[0].startswith("Caught ") or not lines[1].startswith("Original Traceback"):
+        return None
+    return lines[-1].partition(": ")[2] or lines[-1]
+
 
 def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: str) -> int:
     """Parse, check, build and fit; prints where the image logs and checkpoints are."""
@@ -259,8 +339,17 @@ def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: s
     on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
     dataloader = build_dataloader(args, on_gpu=on_gpu)
     model = build_model(args)
-    trainer = build_trainer(args)
-    trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
+    trainer = build_trainer(args, dataloader.sampler)
+    try:
+        trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
+    except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint
+        if not trainer.interrupted:
+            raise
+    except (OSError, ValueError) as error:
+        message = _worker_error_message(error)
+        if message is None:
+            raise
+        raise type(error)(message) from error
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     rank_zero_info(f"Image grids: {os.path.join(args.default_root_dir, 'image_log', 'train')}")
     rank_zero_info(f"Checkpoints: {checkpoint_dir}")

@@ -181,7 +181,7 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     OmegaConf.save(config, config_path)
     env_path = os.pathsep.join([str(REPO), str(REPO / "tests" / "helpers")])
     common = ["--config", str(config_path), "--resume_path", str(initial_weights), "--data_root", str(data),
-              "--accelerator", "cpu", "--max_steps", "1", "--log_max_images", "0", "--learning_rate", "1e-3",
+              "--accelerator", "cpu", "--max_steps", "1", "--log_max_images", "0", "--learning_rate", "1e-4",
               "--seed", "5"]
 
     ddp = _run_script("tutorial_train_dist.py", common + ["--devices", "2", "--strategy", "ddp", "--batch_size", "1",

@@ -1,0 +1,56 @@
+"""Tiny training set-ups for the reliability tests: initial weights, a Fill50K-format data set, arguments."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import tool_make_fill50k
+from cldm.model import create_model
+from cldm.surgery import add_control
+from tool_make_random_sd import random_base_state_dict
+
+REPO = Path(__file__).resolve().parents[2]
+HELPERS = Path(__file__).resolve().parent
+TINY_CONFIG = REPO / "models" / "cldm_tiny.yaml"
+
+
+def make_initial_weights(path: Path, config: Path = TINY_CONFIG) -> Path:
+    """What tool_add_control.py makes from a random, non-degenerate tiny "Stable Diffusion" checkpoint."""
+    model = create_model(config)
+    merged, _ = add_control(model.state_dict(), random_base_state_dict(str(config), seed=0))
+    torch.save(merged, path)
+    return path
+
+
+def make_data(folder: Path, count: int) -> Path:
+    """A Fill50K-format data set of `count` 64 px pairs."""
+    argv = ["--out", str(folder), "--count", str(count), "--size", "64", "--workers", "1", "--quiet"]
+    assert tool_make_fill50k.main(argv) == 0
+    return folder
+
+
+def config_with_model(folder: Path, target: str, **params) -> Path:
+    """The tiny config with another (test) model class and extra constructor parameters."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.target = target
+    for name, value in params.items():
+        config.model.params[name] = value
+    path = folder / f"{target.rpartition('.')[2]}.yaml"
+    OmegaConf.save(config, path)
+    return path
+
+
+def train_args(initial: Path, data: Path, root: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
+    """tutorial_train.py arguments of a short, seeded CPU run with cheap image logs."""
+    return ["--config", str(config), "--resume_path", str(initial), "--data_root", str(data), "--batch_size", "2",
+            "--accelerator", "cpu", "--default_root_dir", str(root), "--seed", "3", "--log_ddim_steps", "1",
+            "--log_max_images", "1", *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment of training subprocesses: the repository and the helpers importable, one thread each
+    (the same numerics in every process, and two processes can share two cores)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HELPERS)]), "OMP_NUM_THREADS": "1"}

@@ -1,0 +1,806 @@
+"""One test per row of docs/bad_inputs.md: every user-facing input, given wrong.
+
+Each error row runs the script's `main` through `cldm.cli.run`, as the command line does, and checks: exit code
+2, exactly one `error:` line that contains the expected sentence, no traceback, and that no file that existed
+before was changed or replaced and nothing new was written (rows that fail inside training may write the run's own
+log folder, never a checkpoint). The rows where a doubtful input is accepted have their own tests below.
+"""
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import tool_add_control
+import tool_add_control_sd21
+import tool_export_diffusers
+import tool_extract_control
+import tool_make_fill50k
+import tool_make_random_sd
+import tool_sample
+import tool_transfer_control
+import tutorial_train
+import tutorial_train_dist
+from cldm import checkpoint_io
+from cldm.checkpoint_io import save_state_dict
+from cldm.cli import run
+from cldm.model import create_model
+from cldm.sampling import prepare_hint
+from cldm.training import check_dataset
+from tool_make_random_sd import random_base_state_dict
+from tutorial_dataset import MyDataset
+
+_HELPERS = str(Path(__file__).resolve().parent / "helpers")  # test-only modules, also config targets
+if _HELPERS not in sys.path:
+    sys.path.insert(0, _HELPERS)
+from tiny_training import TINY_CONFIG, make_data, make_initial_weights  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CATALOGUE = REPO / "docs" / "bad_inputs.md"
+TINY = str(TINY_CONFIG)
+
+# Key names that make a state dict look like a given model (see detect_base_model).
+_UNET_TO_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_CLIP_NORM = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+SD1 = {_UNET_TO_K: torch.zeros(2, 768), _CLIP_NORM: torch.ones(2)}
+SD2 = {_UNET_TO_K: torch.zeros(2, 1024), "cond_stage_model.model.ln_final.weight": torch.ones(2)}
+CONTROLNET_SD1 = {**SD1, "control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}
+
+
+class _RunsShellCommand:
+    """Unpickling this object would run a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@dataclass
+class Inputs:
+    """The user's files, made once: checkpoints of every kind (good and broken) and data sets."""
+
+    root: Path
+    sd1: Path  # a tiny random "Stable Diffusion 1.x" checkpoint (real layout of the tiny config)
+    sd1_keys: Path  # SD1.x key layout only
+    sd2_keys: Path
+    controlnet: Path
+    diffusers: Path
+    evil: Path
+    marker: Path  # what the evil checkpoint would create
+    truncated_ckpt: Path
+    truncated_safetensors: Path
+    empty: Path
+    text: Path
+    initial: Path  # tiny initial ControlLDM weights (what tool_add_control.py makes)
+    wide_initial: Path  # initial weights of a wider tiny ControlLDM
+    data: Path  # a good 64 px Fill50K-format data set of 4 pairs
+    hint: Path  # a good hint image
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Inputs:
+    root = tmp_path_factory.mktemp("user")
+    sd1 = root / "tiny-sd.ckpt"
+    save_state_dict(random_base_state_dict(TINY, seed=0), sd1)
+    for name, state_dict in {"sd1_keys": SD1, "sd2_keys": SD2, "controlnet": CONTROLNET_SD1}.items():
+        save_state_dict(state_dict, root / f"{name}.ckpt")
+    (root / "diffusers_model").mkdir()
+    (root / "diffusers_model" / "model_index.json").write_text("{}")
+    marker = root / "pwned"
+    torch.save({"state_dict": SD1, "x": _RunsShellCommand(marker)}, root / "evil.ckpt")
+    save_state_dict(SD1, root / "truncated.ckpt")
+    save_state_dict(SD1, root / "truncated.safetensors")
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "notes.ckpt").write_text("these are not weights\n")
+    wide = OmegaConf.load(TINY_CONFIG)
+    for branch in ("control_stage_config", "unet_config"):
+        wide.model.params[branch].params.model_channels = 64
+    OmegaConf.save(wide, root / "wide.yaml")
+    hint = root / "edges.png"
+    cv2.imwrite(str(hint), np.zeros((64, 64, 3), np.uint8))
+    return Inputs(
+        root=root, sd1=sd1, sd1_keys=root / "sd1_keys.ckpt", sd2_keys=root / "sd2_keys.ckpt",
+        controlnet=root / "controlnet.ckpt", diffusers=root / "diffusers_model", evil=root / "evil.ckpt",
+        marker=marker, truncated_ckpt=_truncated(root / "truncated.ckpt"),
+        truncated_safetensors=_truncated(root / "truncated.safetensors"), empty=root / "empty.ckpt",
+        text=root / "notes.ckpt", initial=make_initial_weights(root / "control_tiny_ini.ckpt"),
+        wide_initial=make_initial_weights(root / "control_wide_ini.ckpt", root / "wide.yaml"),
+        data=make_data(root / "fill", 4), hint=hint,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The error rows
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """How to give one wrong input, and the sentence that must answer it."""
+
+    main: Callable
+    argv: list
+    expected: str
+    in_training: bool = False  # fails inside `fit`: the run folder may get logs (never checkpoints)
+    check: Callable[[], None] = field(default=lambda: None)
+
+
+CASES: dict[str, Callable[[Inputs, Path, pytest.MonkeyPatch], Case]] = {}
+
+
+def row(row_id: str):
+    def register(builder):
+        CASES[row_id] = builder
+        return builder
+    return register
+
+
+def _add(source, output, *extra) -> list:
+    return [source, output, "--config", TINY, *extra]
+
+
+def _fill_disk(obj, path, *args, **kwargs) -> None:
+    Path(path).write_bytes(b"partial")
+    raise OSError(28, "No space left on device")
+
+
+def _nothing_created(inputs: Inputs) -> Callable[[], None]:
+    def check() -> None:
+        assert not inputs.marker.exists(), "the malicious checkpoint ran code"
+    return check
+
+
+def _no_checkpoints(folder: Path) -> Callable[[], None]:
+    def check() -> None:
+        assert not folder.exists() or list(folder.iterdir()) == [], list(folder.iterdir())
+    return check
+
+
+# tool_add_control.py / tool_add_control_sd21.py ------------------------------------------------
+
+@row("add-missing-input")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(tmp / "v1-5-pruned.ckpt", tmp / "out.ckpt"),
+                "input checkpoint '{tmp}/v1-5-pruned.ckpt' does not exist; check the path")
+
+
+@row("add-input-is-a-folder")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(tmp, tmp / "out.ckpt"),
+                "is a folder; pass a .ckpt, .pth or .safetensors file")
+
+
+@row("add-empty-input")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.empty, tmp / "out.ckpt"),
+                "is truncated or not a checkpoint (the file is empty); re-download or re-export it")
+
+
+@row("add-truncated-ckpt")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.truncated_ckpt, tmp / "out.ckpt"),
+                f"checkpoint '{inputs.truncated_ckpt}' is truncated or not a checkpoint")
+
+
+@row("add-truncated-safetensors")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.truncated_safetensors, tmp / "out.ckpt"),
+                f"checkpoint '{inputs.truncated_safetensors}' is truncated or not a checkpoint")
+
+
+@row("add-not-a-checkpoint")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.text, tmp / "out.ckpt"),
+                f"checkpoint '{inputs.text}' is truncated or not a checkpoint")
+
+
+@row("add-unreadable-input")
+def _(inputs, tmp, monkeypatch):
+    locked = tmp / "locked.ckpt"
+    shutil.copy(inputs.sd1_keys, locked)
+    locked.chmod(0)
+
+    def open_as_a_normal_user(path, *args, **kwargs):  # root can read anything: answer as for a normal user
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io, "open", open_as_a_normal_user, raising=False)
+    return Case(tool_add_control.main, _add(locked, tmp / "out.ckpt"),
+                f"input checkpoint '{locked}' is not readable (permission denied); check its permissions")
+
+
+@row("add-sd2-to-sd1-tool")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.sd2_keys, tmp / "out.ckpt"),
+                "looks like a Stable Diffusion 2.x model; use tool_add_control_sd21.py for it")
+
+
+@row("add-sd1-to-sd2-tool")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control_sd21.main, _add(inputs.sd1_keys, tmp / "out.ckpt"),
+                "looks like a Stable Diffusion 1.x model; use tool_add_control.py for it")
+
+
+@row("add-controlnet-as-base")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.controlnet, tmp / "out.ckpt"),
+                "with a ControlNet; pass the plain Stable Diffusion checkpoint the ControlNet should be added to")
+
+
+@row("add-diffusers-folder")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.diffusers, tmp / "out.ckpt"),
+                "is a diffusers folder; pass the original single-file .ckpt or .safetensors checkpoint")
+
+
+@row("add-malicious-pickle")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.evil, tmp / "out.ckpt"),
+                "was refused because it would import 'posix.system', which can run arbitrary code when loaded; if "
+                "you trust the file, convert it to .safetensors", check=_nothing_created(inputs))
+
+
+@row("add-output-exists")
+def _(inputs, tmp, monkeypatch):
+    existing = inputs.root / "control_sd15_ini.ckpt"
+    existing.write_bytes(b"the user's only copy")
+    return Case(tool_add_control.main, _add(inputs.sd1, existing),
+                f"output '{existing}' already exists; choose another name or delete it first")
+
+
+@row("add-output-folder-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "models" / "out.ckpt"),
+                f"output folder '{tmp}/models' does not exist; create it first")
+
+
+@row("add-output-folder-read-only")
+def _(inputs, tmp, monkeypatch):
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp and access(path, mode))
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt"),
+                f"output folder '{tmp}' is not writable; choose another folder")
+
+
+@row("add-output-unknown-extension")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.bin"),
+                "cannot tell the checkpoint format of '{tmp}/out.bin' from its extension '.bin'; use one of "
+                ".safetensors, .ckpt, .pth, .pt")
+
+
+@row("add-missing-config")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, [inputs.sd1, tmp / "out.ckpt", "--config", tmp / "cldm_v15.yaml"],
+                f"config file '{tmp}/cldm_v15.yaml' does not exist; check the path")
+
+
+@row("add-disk-full")
+def _(inputs, tmp, monkeypatch):
+    monkeypatch.setattr(checkpoint_io.torch, "save", _fill_disk)
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt"),
+                f"No space left on device while writing '{tmp}/out.ckpt'; free some space or choose another folder "
+                f"(nothing was written)")
+
+
+# tool_transfer_control.py -----------------------------------------------------------------------
+
+def _transfer(inputs: Inputs, tmp: Path, **paths) -> list:
+    chosen = {"sd15": inputs.sd1_keys, "control": inputs.controlnet, "input": inputs.sd1_keys,
+              "output": tmp / "out.pth", **paths}
+    return [item for name, path in chosen.items() for item in (f"--{name}", path)]
+
+
+@row("transfer-missing-control")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_transfer_control.main, _transfer(inputs, tmp, control=tmp / "control_sd15_openpose.pth"),
+                f"--control checkpoint '{tmp}/control_sd15_openpose.pth' does not exist; check the path")
+
+
+@row("transfer-control-is-not-a-controlnet")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_transfer_control.main, _transfer(inputs, tmp, control=inputs.sd1_keys),
+                f"--control '{inputs.sd1_keys}' looks like a Stable Diffusion 1.x model; pass a ControlNet for")
+
+
+@row("transfer-input-other-sd-version")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_transfer_control.main, _transfer(inputs, tmp, input=inputs.sd2_keys),
+                f"--input '{inputs.sd2_keys}' looks like a Stable Diffusion 2.x model; pass a fine-tune of")
+
+
+@row("transfer-path-given-twice")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_transfer_control.main, [inputs.sd1_keys, "--sd15", inputs.sd1_keys],
+                "the sd15 path is given both as a positional and as --sd15")
+
+
+# tool_make_random_sd.py, tool_make_fill50k.py ------------------------------------------------------
+
+@row("random-sd-output-exists")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_random_sd.main, [inputs.sd1, "--config", TINY],
+                f"output '{inputs.sd1}' already exists; choose another name or delete it first")
+
+
+@row("fill50k-output-exists")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_fill50k.main, ["--out", inputs.data, "--count", "2", "--size", "64", "--quiet"],
+                f"{inputs.data} already exists; use --force to replace it or choose another output.")
+
+
+@row("fill50k-size-not-multiple-of-8")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_fill50k.main, ["--out", tmp / "fill", "--count", "2", "--size", "100", "--quiet"],
+                "size must be a multiple of 8 and at least 64, got 100.")
+
+
+@row("fill50k-output-parent-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_fill50k.main, ["--out", tmp / "training" / "fill50k", "--count", "2", "--quiet"],
+                f"The output's parent folder {tmp}/training does not exist; create it first.")
+
+
+@row("fill50k-count-zero")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_fill50k.main, ["--out", tmp / "fill", "--count", "0", "--quiet"],
+                "count must be at least 1, got 0.")
+
+
+# tutorial_train.py (tutorial_train_sd21.py and tutorial_train_dist.py share its code) -------------
+
+def _train(inputs: Inputs, tmp: Path, *extra, data: Path | None = None, initial: Path | None = None) -> list:
+    return ["--config", TINY, "--resume_path", initial or inputs.initial, "--data_root", data or inputs.data,
+            "--batch_size", "2", "--accelerator", "cpu", "--default_root_dir", tmp / "run", "--max_steps", "1",
+            "--log_max_images", "0", *extra]
+
+
+def _png(path: Path, size: int | tuple[int, int] = 64, data: bytes | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is not None:
+        path.write_bytes(data)
+        return
+    height, width = (size, size) if isinstance(size, int) else size
+    assert cv2.imwrite(str(path), np.full((height, width, 3), 128, np.uint8))
+
+
+def _dataset(root: Path, count: int = 2, lines: list[str] | None = None,
+             sizes: dict[str, int | tuple[int, int]] | None = None, skip: tuple[str, ...] = ()) -> Path:
+    """`count` pairs of 64 px gray images, with other sizes, missing files or other prompt.json lines."""
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        for kind in ("source", "target"):
+            name = f"{kind}/{index}.png"
+            if name not in skip:
+                _png(root / name, (sizes or {}).get(name, 64))
+    if lines is None:
+        lines = [json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"circle {i}"})
+                 for i in range(count)]
+    (root / "prompt.json").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return root
+
+
+@row("train-missing-config")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--config", tmp / "cldm_v15.yaml"),
+                f"--config: {tmp}/cldm_v15.yaml does not exist")
+
+
+@row("train-config-not-yaml")
+def _(inputs, tmp, monkeypatch):
+    config = tmp / "broken.yaml"
+    config.write_text("model:\n  target: cldm.cldm.ControlLDM\n  params: [unclosed\n")
+    return Case(tutorial_train.main, _train(inputs, tmp, "--config", config),
+                f"config file '{config}' is not valid YAML (")
+
+
+@row("train-missing-initial-weights")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, initial=tmp / "control_sd15_ini.ckpt"),
+                f"--resume_path: {tmp}/control_sd15_ini.ckpt does not exist; make it with `python tool_add_control.py")
+
+
+@row("train-initial-weights-without-controlnet")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, initial=inputs.sd1),
+                f"--resume_path {inputs.sd1} is a Stable Diffusion 1.x model without a ControlNet; make the initial "
+                f"weights with `python tool_add_control.py {inputs.sd1} <output.ckpt>` and pass those")
+
+
+@row("train-initial-weights-wrong-architecture")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, initial=inputs.wide_initial),
+                f"checkpoint '{inputs.wide_initial}' does not fit config '{TINY}': ")
+
+
+@row("train-initial-weights-truncated")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, initial=inputs.truncated_ckpt),
+                f"checkpoint '{inputs.truncated_ckpt}' is truncated or not a checkpoint")
+
+
+@row("train-initial-weights-malicious")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, initial=inputs.evil),
+                "was refused because it would import 'posix.system'", check=_nothing_created(inputs))
+
+
+@row("train-data-folder-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, data=tmp / "fill50k"),
+                f"Data set folder {tmp}/fill50k does not exist; make it with tool_make_fill50k.py")
+
+
+@row("train-prompt-json-missing")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "data").mkdir()
+    return Case(tutorial_train.main, _train(inputs, tmp, data=tmp / "data"),
+                f"{tmp}/data/prompt.json does not exist; the data set folder must hold a prompt.json.")
+
+
+@row("train-prompt-json-malformed-line")
+def _(inputs, tmp, monkeypatch):
+    good = json.dumps({"source": "source/0.png", "target": "target/0.png", "prompt": "red circle"})
+    data = _dataset(tmp / "data", 1, lines=[good, good, '{"source": "source/0.png", "target": '])
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"Line 3 of {data}/prompt.json is not valid JSON (")
+
+
+@row("train-prompt-json-missing-key")
+def _(inputs, tmp, monkeypatch):
+    good = json.dumps({"source": "source/0.png", "target": "target/0.png", "prompt": "red circle"})
+    data = _dataset(tmp / "data", 1, lines=[good, json.dumps({"source": "source/0.png", "target": "target/0.png"})])
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"Line 2 of {data}/prompt.json lacks the text key 'prompt'.")
+
+
+@row("train-prompt-json-not-utf8")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2)
+    record = '{"source": "source/1.png", "target": "target/1.png", "prompt": "caf\xe9 circle"}\n'
+    with open(data / "prompt.json", "ab") as file:
+        file.write(record.encode("latin-1"))
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"Line 3 of {data}/prompt.json is not UTF-8 text; save the file as UTF-8.")
+
+
+@row("train-empty-dataset")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 0, lines=[])
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data), f"{data}/prompt.json lists no items")
+
+
+@row("train-image-missing")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 3, skip=("target/2.png",))
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"1 of the 6 images listed in {data}/prompt.json do not exist (the first is "
+                f"{data}/target/2.png); restore them or remove their lines")
+
+
+@row("train-image-corrupt")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2)
+    _png(data / "source" / "0.png", data=b"\x89PNG\r\n\x1a\n truncated")
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"Image {data}/source/0.png could not be read; it is not an image file OpenCV can decode.")
+
+
+@row("train-image-corrupt-mid-run-in-a-worker")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2)
+    _png(data / "target" / "1.png", data=b"GIF89a not really")
+    return Case(tutorial_train.main, _train(inputs, tmp, "--num_workers", "1", data=data),
+                f"Image {data}/target/1.png could not be read; it is not an image file OpenCV can decode.",
+                in_training=True, check=_no_checkpoints(tmp / "run" / "checkpoints"))
+
+
+@row("train-source-target-sizes-differ")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2, sizes={"target/0.png": 128})
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                "Source source/0.png is 64x64 px but target target/0.png is 128x128 px; they must match.")
+
+
+@row("train-image-size-not-multiple-of-64")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2, sizes={"source/0.png": (96, 80), "target/0.png": (96, 80)})
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"the images in {data} are 80x96 px but the model needs sides that are multiples of 64; pass "
+                f"--resolution 512 (or another multiple of 64) to resize them")
+
+
+@row("train-image-sizes-differ-between-items")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2, sizes={"source/1.png": 128, "target/1.png": 128})
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                "one batch mixes images of different sizes (64x64, 128x128 px); pass --resolution 512 (or another "
+                "multiple of 64) to resize them all",
+                in_training=True, check=_no_checkpoints(tmp / "run" / "checkpoints"))
+
+
+@row("train-resolution-not-multiple-of-64")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resolution", "100"),
+                "--resolution must be a positive multiple of 64, got 100")
+
+
+@row("train-batch-larger-than-dataset")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--batch_size", "8"),
+                f"--batch_size 8 is larger than the 4 samples in {inputs.data}; use a smaller batch size")
+
+
+@row("train-batch-size-zero")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--batch_size", "0"),
+                "--batch_size must be a positive number, got 0")
+
+
+@row("train-unknown-precision")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--precision", "fp8"),
+                "--precision 'fp8' is not one of 32, bf16-mixed, 16-mixed")
+
+
+@row("train-16-mixed-on-cpu")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--precision", "16-mixed"),
+                "--precision 16-mixed needs a GPU; use bf16-mixed or 32 on the CPU")
+
+
+@row("train-unknown-strategy")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--strategy", "horovod"),
+                "--strategy 'horovod' is not one of auto, ddp, ")
+
+
+@row("train-strategy-package-missing")
+def _(inputs, tmp, monkeypatch):
+    find_spec = importlib.util.find_spec  # as if deepspeed were not installed (it may be)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "deepspeed"
+                        else find_spec(name, *args))
+    return Case(tutorial_train.main, _train(inputs, tmp, "--strategy", "deepspeed_stage_2"),
+                "--strategy deepspeed_stage_2 needs the 'deepspeed' package: pip install deepspeed")
+
+
+@row("train-unknown-accelerator")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--accelerator", "tpu"),
+                "--accelerator 'tpu' is not one of auto, gpu, cuda, cpu")
+
+
+@row("train-gpu-without-gpu")
+def _(inputs, tmp, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return Case(tutorial_train.main, _train(inputs, tmp, "--accelerator", "gpu"),
+                "--accelerator gpu needs a CUDA GPU and none is visible; use --accelerator cpu")
+
+
+@row("train-devices-more-than-gpus")
+def _(inputs, tmp, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    return Case(tutorial_train.main, _train(inputs, tmp, "--accelerator", "gpu", "--devices", "2"),
+                "--devices 2 asks for more GPUs than the 1 visible")
+
+
+@row("train-dist-defaults-without-gpu")
+def _(inputs, tmp, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = _train(inputs, tmp)
+    argv[argv.index("--accelerator") + 1] = "auto"
+    return Case(tutorial_train_dist.main, argv,
+                "--devices 8: no GPU is visible, so this would start 8 CPU processes; pass --accelerator cpu to do "
+                "that on purpose, or --devices 1")
+
+
+@row("train-resume-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", tmp / "last.ckpt"),
+                f"--resume_from_checkpoint: {tmp}/last.ckpt does not exist (check the path)")
+
+
+@row("train-resume-last-without-a-run")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", "last"),
+                f"--resume_from_checkpoint: {tmp}/run/checkpoints/last.ckpt does not exist (no "
+                f"{tmp}/run/checkpoints/last.ckpt yet; start without --resume_from_checkpoint)")
+
+
+@row("train-resume-truncated")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", inputs.truncated_ckpt),
+                f"--resume_from_checkpoint: checkpoint '{inputs.truncated_ckpt}' is truncated or not a checkpoint")
+
+
+@row("train-resume-from-initial-weights")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", inputs.initial),
+                f"--resume_from_checkpoint: {inputs.initial} is not a training checkpoint (it has no state_dict, "
+                f"global_step, loops, optimizer_states); to start a new run from its weights pass it as --resume_path")
+
+
+@row("train-resume-malicious")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", inputs.evil),
+                f"--resume_from_checkpoint: checkpoint '{inputs.evil}' was refused because it would import "
+                f"'posix.system'", check=_nothing_created(inputs))
+
+
+@row("train-disk-full-while-saving")
+def _(inputs, tmp, monkeypatch):
+    monkeypatch.setattr(checkpoint_io.torch, "save", _fill_disk)
+    checkpoints = tmp / "run" / "checkpoints"
+    return Case(tutorial_train.main, _train(inputs, tmp, "--checkpoint_every_n_steps", "1"),
+                f"No space left on device while writing '{checkpoints}/step-0000001.ckpt'; free some space or "
+                f"choose another folder (nothing was written)", in_training=True, check=_no_checkpoints(checkpoints))
+
+
+# tool_sample.py, tool_extract_control.py, tool_export_diffusers.py -------------------------------
+
+def _sample(inputs: Inputs, tmp: Path, *extra) -> list:
+    return ["--config", TINY, "--ckpt", inputs.initial, "--hint", inputs.hint, "--out", tmp / "bird.png",
+            "--ddim_steps", "1", "--device", "cpu", *extra]
+
+
+@row("sample-missing-hint")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_sample.main, _sample(inputs, tmp, "--hint", tmp / "edges.png"),
+                f"hint image '{tmp}/edges.png' does not exist; check the path")
+
+
+@row("sample-hint-not-an-image")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_sample.main, _sample(inputs, tmp, "--hint", inputs.text),
+                f"hint image '{inputs.text}' cannot be read as an image; pass a PNG, JPEG or other common format")
+
+
+@row("sample-output-exists")
+def _(inputs, tmp, monkeypatch):
+    existing = inputs.root / "bird.png"
+    existing.write_bytes(b"last week's result")
+    return Case(tool_sample.main, _sample(inputs, tmp, "--out", existing),
+                f"output '{existing}' already exists; choose another name or delete it first")
+
+
+@row("sample-missing-checkpoint")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_sample.main, _sample(inputs, tmp, "--ckpt", tmp / "control_sd15_canny.pth"),
+                f"'{tmp}/control_sd15_canny.pth' does not exist; check the path")
+
+
+@row("extract-input-without-controlnet")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_extract_control.main, [inputs.sd1_keys, tmp / "control.safetensors"],
+                "the checkpoint has no 'control_model.*' weights; it looks like a Stable Diffusion 1.x model")
+
+
+@row("extract-output-exists")
+def _(inputs, tmp, monkeypatch):
+    existing = inputs.root / "control.safetensors"
+    existing.write_bytes(b"extracted yesterday")
+    return Case(tool_extract_control.main, [inputs.initial, existing],
+                f"output '{existing}' already exists; choose another name or delete it first")
+
+
+@row("export-output-exists")
+def _(inputs, tmp, monkeypatch):
+    existing = inputs.root / "controlnet-diffusers"
+    existing.mkdir(exist_ok=True)
+    return Case(tool_export_diffusers.main, [inputs.initial, existing, "--config", TINY],
+                f"output folder '{existing}' already exists; choose another name or pass --overwrite")
+
+
+@row("export-input-is-a-diffusers-folder")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_export_diffusers.main, [inputs.diffusers, tmp / "exported", "--config", TINY],
+                "is a diffusers folder; pass the original single-file .ckpt or .safetensors checkpoint")
+
+
+def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
+    """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
+    files = {}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                info = path.stat()
+                files[path] = (info.st_ino, info.st_size, info.st_mtime_ns)
+    return files
+
+
+@pytest.mark.parametrize("row_id", list(CASES))
+def test_bad_input(row_id: str, inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    case = CASES[row_id](inputs, tmp_path, monkeypatch)
+    before = _snapshot(inputs.root, tmp_path)
+    code = run(case.main, [str(arg) for arg in case.argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error: " in line]
+    expected = case.expected.replace("{tmp}", str(tmp_path))
+    assert code == 2, err[-3000:]
+    assert len(errors) == 1 and expected in errors[0], (expected, err[-3000:])
+    assert "Traceback" not in err
+    after = _snapshot(inputs.root, tmp_path)
+    changed = [path for path, info in before.items() if after.get(path) != info]
+    new = [path for path in after if path not in before
+           and not (case.in_training and (tmp_path / "run" / "lightning_logs") in path.parents)]
+    assert not changed and not new, (changed, new)
+    case.check()
+
+
+@pytest.mark.parametrize("row_id", ["add-missing-input", "train-prompt-json-malformed-line"])
+def test_debug_shows_the_traceback(row_id: str, inputs: Inputs, tmp_path: Path, monkeypatch) -> None:
+    case = CASES[row_id](inputs, tmp_path, monkeypatch)
+    with pytest.raises((OSError, ValueError)):
+        run(case.main, [str(arg) for arg in case.argv] + ["--debug"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows where a doubtful input is accepted
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image",
+    [np.full((64, 64), 77, np.uint8), np.full((64, 64, 4), 200, np.uint8), np.full((64, 64, 3), 40000, np.uint16)],
+    ids=["gray", "rgba", "16-bit"])
+def test_row_train_grayscale_rgba_16bit_images(tmp_path: Path, image: np.ndarray) -> None:
+    data = _dataset(tmp_path / "data", 2)
+    assert cv2.imwrite(str(data / "source" / "0.png"), image) and cv2.imwrite(str(data / "target" / "0.png"), image)
+    check_dataset(str(data), None)  # the training job's check accepts them
+    item = MyDataset(root=str(data))[0]
+    assert item["hint"].shape == item["jpg"].shape == (64, 64, 3) and item["hint"].dtype == np.float32
+
+
+def test_row_train_prompt_longer_than_77_tokens(caplog) -> None:
+    encoder = create_model(TINY).cond_stage_model
+    with caplog.at_level("WARNING"):
+        long = encoder.encode(["red " * 100, "red " * 90])
+        encoder.encode(["red " * 80])
+    warnings = [record.getMessage() for record in caplog.records if "truncated" in record.getMessage()]
+    assert len(warnings) == 1 and "truncated to its first 75 tokens, as the original encoder does" in warnings[0]
+    # Kept: the start token, the first 75 tokens and the end token, as the original's max_length=77 truncation.
+    exactly_75 = encoder.encode(["red " * 75])
+    assert long.shape == (2, 77, exactly_75.shape[-1])
+    assert torch.equal(long[0], exactly_75[0]) and torch.equal(long[1], exactly_75[0])
+    assert not torch.equal(encoder.encode(["red " * 74])[0], exactly_75[0])
+
+
+def test_row_sample_hint_of_any_size() -> None:
+    hint = prepare_hint(np.zeros((100, 150, 3), np.uint8), 100)
+    assert hint.shape[0] % 64 == 0 and hint.shape[1] % 64 == 0
+
+
+ACCEPTED_ROWS = {
+    "train-grayscale-rgba-16bit-images": test_row_train_grayscale_rgba_16bit_images,
+    "train-prompt-longer-than-77-tokens": test_row_train_prompt_longer_than_77_tokens,
+    "sample-hint-of-any-size": test_row_sample_hint_of_any_size,
+}
+
+
+def test_catalogue_has_one_test_per_row() -> None:
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|", CATALOGUE.read_text(), flags=re.MULTILINE)
+    assert len(rows) == len(set(rows)) >= 25
+    assert set(rows) == set(CASES) | set(ACCEPTED_ROWS)
