@@ -72,7 +72,10 @@ class DataOrderCheckpoint(Callback):
         trainer = self._trainer
         assert trainer is not None, "state_dict is only called by a Trainer after setup"
         batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"seed": self.sampler.seed, "epoch": trainer.current_epoch,
+        # The epoch in progress is the last one started: after a run stopped by max_steps in the middle of
+        # an epoch, Lightning already counts that epoch in `current_epoch`.
+        epoch = max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
+        return {"seed": self.sampler.seed, "epoch": epoch,
                 "samples_done": batches_done * self.batch_size * trainer.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

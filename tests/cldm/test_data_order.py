@@ -54,8 +54,10 @@ def test_checkpoint_state_counts_the_samples_of_all_ranks() -> None:
     sampler = ResumableRandomSampler(100, seed=5)
     callback = DataOrderCheckpoint(sampler, batch_size=4)
     progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+    epochs = SimpleNamespace(current=SimpleNamespace(started=3))  # epoch 2 in progress
     trainer = SimpleNamespace(current_epoch=2, world_size=2,
-                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress),
+                                                       epoch_progress=epochs))
     callback.setup(trainer, None, "fit")
     state = callback.state_dict()
     assert state == {"seed": 5, "epoch": 2, "samples_done": 24}
