@@ -1,0 +1,626 @@
+"""One ControlNet training step, ours against diffusers' `train_controlnet.py` step, on the same architecture.
+
+Both sides build the architecture of `--config` with random weights (diffusers' configs are derived from the
+yaml, so the parameter counts match), lock the UNet, and run forward, backward and the AdamW step on the same
+batch. Each measurement runs in its own process (peak RSS is per side on CPU), one process at a time, in
+alternating order over `--rounds`; the table shows the median step time, FLOPs per step counted with
+`torch.utils.flop_counter`, the achieved FLOP/s against a matmul peak measured here, and peak memory.
+
+Run from the repository root:
+
+    python -m benchmarks.bench_train_step                          # CPU, fp32, 128 and 256 px, batch 1
+    python -m benchmarks.bench_train_step --channels-last --variant frozen-bf16,step-in-backward
+    python -m benchmarks.bench_train_step --device cuda --precision bf16-mixed --resolution 512 --batch 4
+    python -m benchmarks.bench_train_step --tiny --resolution 64 --steps 1 --warmup 1 --rounds 1   # CI size
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils import flop_counter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FULL_CONFIG = "models/cldm_v15.yaml"
+TINY_CONFIG = "models/cldm_tiny.yaml"
+LEARNING_RATE = 1e-5  # the tutorial's
+MAX_GRAD_NORM = 1.0  # train_controlnet.py's default clipping
+PROMPT = "a photograph of a cat sitting on a red sofa, high quality"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GIB = 1024**3
+
+# ---------------------------------------------------------------------------------------------
+# What one worker process measures
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One side in one configuration; serialised to JSON for the worker process."""
+
+    side: str  # "ours" or "diffusers"
+    config: str
+    device: str
+    resolution: int  # image side in pixels; the latent is resolution / 8
+    batch: int
+    precision: str  # "fp32" or "bf16-mixed"
+    checkpointing: bool
+    encoders: bool  # VAE and text encoding inside the step, as in real training
+    steps: int
+    warmup: int
+    frozen_dtype: str = "fp32"  # ours: storage of the frozen VAE, text encoder and UNet
+    attention: str = "sdpa"  # ours: backend of the UNet/ControlNet attention
+    adamw: str = "fused"  # ours: "fused", "plain" (PyTorch's default implementation) or "in-backward"
+    channels_last: bool = False  # ours
+    compile: bool = False  # ours
+    count_flops: bool = True
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 under bf16-mixed, or whenever frozen weights are stored in half precision (which needs autocast)."""
+        if self.precision == "bf16-mixed":
+            return torch.bfloat16
+        return DTYPES[self.frozen_dtype] if self.frozen_dtype != "fp32" else None
+
+    @property
+    def label(self) -> str:
+        """Short description of the row in the table."""
+        parts = [self.side, f"ckpt {'on' if self.checkpointing else 'off'}"]
+        if self.autocast_dtype is not None and self.precision == "fp32":
+            parts.append(f"{self.frozen_dtype}-mixed")
+        if self.frozen_dtype != "fp32":
+            parts.append(f"frozen {self.frozen_dtype}")
+        if self.attention != "sdpa":
+            parts.append(f"{self.attention} attention")
+        if self.side == "ours" and self.adamw != "fused":
+            parts.append({"plain": "plain AdamW", "in-backward": "AdamW step in backward"}[self.adamw])
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.compile:
+            parts.append("compile")
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our side: ControlLDM, as trained by Lightning (training_step, backward, optimizer step)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tensor], dict[str, Any]]:
+    """Our ControlLDM with the job's speed options, its optimizer and a closure running one training step."""
+    from cldm.model import create_model
+    from cldm.performance import (
+        compile_model,
+        make_optimizer,
+        step_in_backward,
+        store_frozen_weights_in,
+        use_channels_last,
+    )
+    from ldm.modules.attention import set_attention_backend
+    from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
+
+    model = create_model(REPO_ROOT / job.config)
+    model.sd_locked = True
+    set_gradient_checkpointing(model, job.checkpointing)
+    set_attention_backend(model, job.attention)
+    if job.frozen_dtype != "fp32":
+        store_frozen_weights_in(model, DTYPES[job.frozen_dtype])
+    model.to(device).train()
+    if job.channels_last:
+        use_channels_last(model)
+    if job.compile:
+        compile_model(model)
+    if job.adamw == "in-backward":
+        step_in_backward(model.trainable_parameters(), LEARNING_RATE)
+        optimizer = None
+    else:
+        optimizer = make_optimizer(model.trainable_parameters(), LEARNING_RATE, fused=job.adamw == "fused")
+    data = make_data(job, device, context_dim=_context_dim(job.config))
+    batch = {"jpg": data["image"].permute(0, 2, 3, 1), "txt": data["prompts"], "hint": data["hint"].permute(0, 2, 3, 1)}
+    cond = {"c_crossattn": [data["context"]], "c_concat": [data["hint"]]}
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=job.autocast_dtype, enabled=job.autocast_dtype is not None):
+            loss, _ = model.shared_step(batch) if job.encoders else model(data["latents"], cond)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    sizes = _sizes(model.model.diffusion_model, model.control_model, model.first_stage_model, model.cond_stage_model)
+    return step, sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers' side: the step of examples/controlnet/train_controlnet.py
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusers_configs(config_path: Path) -> dict[str, Any]:
+    """Constructor arguments of diffusers' UNet, VAE, CLIP text model and scheduler for the same architecture."""
+    params = OmegaConf.to_container(OmegaConf.load(config_path).model.params, resolve=True)
+    unet, vae = params["unet_config"]["params"], params["first_stage_config"]["params"]
+    text = params["cond_stage_config"]
+    if not text["target"].endswith("FrozenCLIPEmbedder") or unet.get("use_linear_in_transformer", False):
+        raise ValueError(f"{config_path}: the diffusers side supports SD 1.x configs (FrozenCLIPEmbedder, conv proj)")
+    levels = range(len(unet["channel_mult"]))
+    attention = [2**level in unet["attention_resolutions"] for level in levels]
+    channels = [unet["model_channels"] * mult for mult in unet["channel_mult"]]
+    head_channels = unet.get("num_head_channels", -1)
+    heads = unet["num_heads"] if head_channels == -1 else [c // head_channels for c in channels]
+    ddconfig = vae["ddconfig"]
+    if ddconfig["attn_resolutions"] or ddconfig["z_channels"] != vae["embed_dim"]:
+        raise ValueError(f"{config_path}: diffusers' VAE needs attn_resolutions [] and z_channels == embed_dim")
+    text_params = text.get("params", {})
+    return dict(
+        unet=dict(
+            sample_size=unet["image_size"], in_channels=unet["in_channels"], out_channels=unet["out_channels"],
+            down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+            up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+            block_out_channels=channels, layers_per_block=unet["num_res_blocks"],
+            cross_attention_dim=unet["context_dim"], attention_head_dim=heads,
+            transformer_layers_per_block=unet.get("transformer_depth", 1),
+        ),
+        vae=dict(
+            in_channels=ddconfig["in_channels"], out_channels=ddconfig["out_ch"],
+            down_block_types=["DownEncoderBlock2D"] * len(ddconfig["ch_mult"]),
+            up_block_types=["UpDecoderBlock2D"] * len(ddconfig["ch_mult"]),
+            block_out_channels=[ddconfig["ch"] * mult for mult in ddconfig["ch_mult"]],
+            layers_per_block=ddconfig["num_res_blocks"], latent_channels=vae["embed_dim"],
+            sample_size=ddconfig["resolution"],
+        ),
+        text=dict(
+            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+            hidden_size=text_params.get("hidden_size", 768), num_hidden_layers=text_params.get("num_layers", 12),
+            num_attention_heads=text_params.get("num_heads", 12),
+            intermediate_size=text_params.get("intermediate_size", 3072),
+        ),
+        scheduler=dict(
+            num_train_timesteps=params.get("timesteps", 1000), beta_start=params["linear_start"],
+            beta_end=params["linear_end"], beta_schedule="scaled_linear",
+        ),
+        conditioning_channels=params["control_stage_config"]["params"]["hint_channels"],
+        scale_factor=params["scale_factor"],
+    )
+
+
+def build_diffusers(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tensor], dict[str, Any]]:
+    """diffusers' frozen UNet/VAE/CLIP and trainable ControlNetModel.from_unet, and one train_controlnet.py step."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = diffusers_configs(REPO_ROOT / job.config)
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"], attn_implementation="sdpa"))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=configs["conditioning_channels"])
+    scheduler = DDPMScheduler(**configs["scheduler"])
+    # train_controlnet.py: frozen models in the mixed-precision dtype, the ControlNet in float32, trainable.
+    weight_dtype = torch.bfloat16 if job.precision == "bf16-mixed" else torch.float32
+    for frozen in (unet, vae, text_encoder):
+        frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    controlnet.to(device).train()
+    if job.checkpointing:  # the same blocks as ours: ControlNet and UNet
+        controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2,
+                                  eps=1e-8)
+    data = make_data(job, device, context_dim=configs["text"]["hidden_size"])
+    input_ids = _token_ids(data["prompts"], device)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.autocast_dtype is not None):
+            if job.encoders:
+                latents = vae.encode(data["image"].to(weight_dtype)).latent_dist.sample() * configs["scale_factor"]
+                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+            else:
+                latents, encoder_hidden_states = data["latents"], data["context"]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+            noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+            down_residuals, mid_residual = controlnet(
+                noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=data["hint"].to(weight_dtype), return_dict=False,
+            )
+            model_pred = unet(
+                noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                down_block_additional_residuals=[residual.to(weight_dtype) for residual in down_residuals],
+                mid_block_additional_residual=mid_residual.to(weight_dtype), return_dict=False,
+            )[0]
+            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # the script's default (--set_grads_to_none off)
+        return loss
+
+    return step, _sizes(unet, controlnet, vae, text_encoder)
+
+
+def _token_ids(prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Token ids as train_controlnet.py's data pipeline makes them (padded to 77), with our shipped tokenizer."""
+    from ldm.modules.encoders.modules import load_clip_tokenizer
+
+    tokens = load_clip_tokenizer()(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    return tokens.input_ids.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of the worker
+# ---------------------------------------------------------------------------------------------
+
+
+def _context_dim(config: str) -> int:
+    return int(OmegaConf.load(REPO_ROOT / config).model.params.unet_config.params.context_dim)
+
+
+def make_data(job: Job, device: torch.device, context_dim: int) -> dict[str, Any]:
+    """The same seeded batch for both sides: images in [-1, 1], hints in [0, 1] (NCHW), prompts; latents/context."""
+    generator = torch.Generator().manual_seed(1234)
+    shape = (job.batch, 3, job.resolution, job.resolution)
+    latent = job.resolution // 8
+    data = {
+        "image": torch.rand(shape, generator=generator) * 2 - 1,
+        "hint": torch.rand(shape, generator=generator),
+        "latents": torch.randn((job.batch, 4, latent, latent), generator=generator),
+        "context": torch.randn((job.batch, 77, context_dim), generator=generator),
+    }
+    data = {key: value.to(device) for key, value in data.items()}
+    data["prompts"] = [PROMPT] * job.batch
+    return data
+
+
+def _sizes(unet: torch.nn.Module, controlnet: torch.nn.Module, vae: torch.nn.Module, text: torch.nn.Module) -> dict:
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    return {"unet": count(unet), "controlnet": count(controlnet), "vae": count(vae), "text": count(text),
+            "trainable": sum(p.numel() for p in controlnet.parameters() if p.requires_grad)}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA allocator statistics, or the process's RSS high-water mark (Linux clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak then covers the whole process (ru_maxrss)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or peak RSS of this process since the last reset."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                                        out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode counts the CUDA attention kernels but not the CPU flash-attention ones; same formulas.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+}
+
+
+def count_flops(step: Callable[[], torch.Tensor]) -> int:
+    """FLOPs of one step (forward and backward, recomputation included; the optimizer does no matmuls)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(job: Job) -> dict[str, Any]:
+    """Build one side, warm up, time `job.steps` steps, then count the FLOPs of one more step."""
+    torch.manual_seed(0)
+    device = torch.device(job.device)
+    step, sizes = (build_ours if job.side == "ours" else build_diffusers)(job, device)
+    for _ in range(job.warmup):
+        step()
+    _synchronize(device)
+    reset_peak_memory(device)
+    times, cpu_times = [], []
+    for _ in range(job.steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss = step()
+        _synchronize(device)
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+    peak = peak_memory_bytes(device)
+    flops = count_flops(step) if job.count_flops and not job.compile else None
+    return {"times": times, "cpu_times": cpu_times, "peak_bytes": peak, "flops": flops, "loss": float(loss),
+            "sizes": sizes}
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: plan, run the workers one at a time, print the table
+# ---------------------------------------------------------------------------------------------
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul of `size` in `dtype` on `device` (the achievable peak, measured)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        _synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - started))
+    return best
+
+
+# Options of our extra rows (`--variant`, comma-separated to combine) and the Job fields each sets.
+VARIANT_OPTIONS = {
+    "channels-last": {"channels_last": True},
+    "compile": {"compile": True},
+    "frozen-bf16": {"frozen_dtype": "bf16"},
+    "frozen-fp16": {"frozen_dtype": "fp16"},
+    "math-attention": {"attention": "math"},
+    "sliced-attention": {"attention": "sliced"},
+    "plain-adamw": {"adamw": "plain"},
+    "step-in-backward": {"adamw": "in-backward"},
+}
+
+
+def _variant(value: str) -> dict[str, Any]:
+    """`--variant` value -> Job field overrides."""
+    fields = {}
+    for option in value.split(","):
+        if option.strip() not in VARIANT_OPTIONS:
+            raise argparse.ArgumentTypeError(f"unknown --variant option '{option}'; use {', '.join(VARIANT_OPTIONS)}")
+        fields.update(VARIANT_OPTIONS[option.strip()])
+    return fields
+
+
+def our_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Field overrides of our extra rows: the shortcut flags first, then each `--variant`."""
+    variants = [{"frozen_dtype": dtype} for dtype in args.frozen_dtype if dtype != "fp32"]
+    variants += [{"channels_last": True}] if args.channels_last else []
+    variants += [{"compile": True}] if args.compile else []
+    return variants + args.variant
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    """Per resolution and checkpointing setting: diffusers, ours, and ours in each extra variant."""
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    jobs = []
+    for resolution in args.resolution:
+        for ckpt in checkpointing:
+            base = Job(side="ours", config=args.config, device=args.device, resolution=resolution, batch=args.batch,
+                       precision=args.precision, checkpointing=ckpt, encoders=not args.no_encoders,
+                       steps=args.steps, warmup=args.warmup)
+            jobs += [replace(base, side=side) for side in args.sides]
+            if "ours" in args.sides:
+                jobs += [replace(base, **fields) for fields in our_variants(args)]
+    return jobs
+
+
+def run_worker(job: Job) -> dict[str, Any]:
+    """Measure `job` in a fresh Python process and return its JSON result."""
+    command = [sys.executable, "-m", "benchmarks.bench_train_step", "--worker", json.dumps(asdict(job))]
+    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    if process.returncode != 0:
+        raise RuntimeError(f"worker for '{job.label}' at {job.resolution} px failed:\n{process.stderr[-4000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def run_all(jobs: list[Job], rounds: int) -> dict[Job, dict[str, Any]]:
+    """Run every job `rounds` times, alternating the order each round; pool the step times, keep the peak memory."""
+    results: dict[Job, dict[str, Any]] = {}
+    for round_index in range(rounds):
+        for job in jobs if round_index % 2 == 0 else reversed(jobs):
+            counted = job in results  # FLOPs do not change between rounds
+            result = run_worker(replace(job, count_flops=not counted))
+            print(f"[round {round_index + 1}/{rounds}] {job.resolution} px  {job.label}: "
+                  f"median {statistics.median(result['times']):.2f} s/step, "
+                  f"peak {result['peak_bytes'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
+            if not counted:
+                results[job] = result
+            else:
+                results[job]["times"] += result["times"]
+                results[job]["cpu_times"] += result["cpu_times"]
+                results[job]["peak_bytes"] = max(results[job]["peak_bytes"], result["peak_bytes"])
+    return results
+
+
+def _baseline(job: Job, results: dict[Job, dict[str, Any]]) -> dict[str, Any] | None:
+    """diffusers at the same resolution and checkpointing setting (its precision, frozen weights as its script)."""
+    key = Job(side="diffusers", config=job.config, device=job.device, resolution=job.resolution, batch=job.batch,
+              precision=job.precision, checkpointing=job.checkpointing, encoders=job.encoders, steps=job.steps,
+              warmup=job.warmup)
+    return results.get(key)
+
+
+def _flops(job: Job, results: dict[Job, dict[str, Any]]) -> int | None:
+    """Counted FLOPs; a compiled job does the same math as its eager twin, whose count it borrows."""
+    flops = results[job]["flops"]
+    if flops is None and job.compile:
+        flops = results.get(replace(job, compile=False), {}).get("flops")
+    return flops
+
+
+def format_row(job: Job, results: dict[Job, dict[str, Any]], peaks: dict[torch.dtype | None, float]) -> str:
+    """One table row: time, ratio, FLOPs, FLOP/s, share of peak, memory, ratio."""
+    result, baseline = results[job], _baseline(job, results)
+    seconds = statistics.median(result["times"])
+    flops = _flops(job, results)
+    peak = peaks[job.autocast_dtype]
+    ratio = lambda ours, theirs: f"{ours / theirs:.2f}x" if baseline else "-"  # noqa: E731
+    cells = [
+        f"{job.resolution}px/{job.resolution // 8}", job.label, f"{seconds:.2f}",
+        ratio(seconds, statistics.median(baseline["times"]) if baseline else 1),
+        f"{statistics.median(result['cpu_times']):.2f}",
+        ratio(statistics.median(result["cpu_times"]), statistics.median(baseline["cpu_times"]) if baseline else 1),
+        f"{flops / 1e9:.1f}" if flops else "-",
+        f"{flops / seconds / 1e9:.1f}" if flops else "-",
+        f"{100 * flops / seconds / peak:.0f}%" if flops else "-",
+        f"{result['peak_bytes'] / GIB:.2f}",
+        ratio(result["peak_bytes"], baseline["peak_bytes"] if baseline else 1),
+    ]
+    return _format_cells(cells)
+
+
+COLUMNS = ("res/latent", "variant", "s/step", "vs diff", "cpu s", "vs diff", "GFLOP", "GFLOP/s", "% peak",
+           "peak GiB", "vs diff")
+WIDTHS = (11, 62, 7, 7, 7, 7, 7, 7, 6, 8, 7)
+
+
+def _format_cells(cells: list[str]) -> str:
+    return " | ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
+                      enumerate(zip(cells, WIDTHS, strict=True)))
+
+
+def print_table(args: argparse.Namespace, jobs: list[Job], results: dict[Job, dict[str, Any]],
+                peaks: dict[torch.dtype | None, float]) -> None:
+    """Header (device, versions, command, sizes), the table, and our default against diffusers' default."""
+    memory = "peak RSS of the process" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
+    print(f"ControlNet training step: {args.config}, batch {args.batch}, {args.precision}, "
+          f"{'with' if not args.no_encoders else 'without'} VAE+text encoding, device {args.device} "
+          f"({_device_name(args.device)}, {torch.get_num_threads()} threads)")
+    print(f"torch {torch.__version__}, diffusers {importlib.metadata.version('diffusers')}, "
+          f"python {platform.python_version()}; median of {args.steps} steps x {args.rounds} rounds after "
+          f"{args.warmup} warm-up; cpu s = process CPU time (all threads); memory = {memory}")
+    print("matmul peak: " + ", ".join(f"{_dtype_name(dtype)} {flops / 1e9:.0f} GFLOP/s" for dtype, flops in
+                                      peaks.items()))
+    print(f"command: python -m benchmarks.bench_train_step {' '.join(args.argv)}")
+    sizes = {job.side: results[job]["sizes"] for job in jobs}
+    for side, size in sizes.items():
+        print(f"  {side:9s} params (M): " + ", ".join(f"{name} {count / 1e6:.1f}" for name, count in size.items()))
+    print(_format_cells(list(COLUMNS)))
+    print("-+-".join("-" * width for width in WIDTHS))
+    for job in jobs:
+        print(format_row(job, results, peaks))
+    for line in _default_comparisons(jobs, results):
+        print(line)
+
+
+def _default_comparisons(jobs: list[Job], results: dict[Job, dict[str, Any]]) -> list[str]:
+    """Our default (checkpointing on, as the yaml) against diffusers' default (off), per resolution."""
+    lines = []
+    for job in jobs:
+        if job.side == "ours" and job.checkpointing and job == _default_fields(job):
+            theirs = _baseline(replace(job, checkpointing=False), results)
+            if theirs is None:
+                continue
+            ours = results[job]
+            ratios = [f"time {statistics.median(ours['times']) / statistics.median(theirs['times']):.2f}x",
+                      f"memory {ours['peak_bytes'] / theirs['peak_bytes']:.2f}x"]
+            if ours["flops"] and theirs["flops"]:
+                ratios.append(f"FLOPs {ours['flops'] / theirs['flops']:.2f}x")
+            lines.append(f"{job.resolution} px, our default (ckpt on) vs diffusers' default (ckpt off): "
+                         + ", ".join(ratios))
+    return lines
+
+
+def _default_fields(job: Job) -> Job:
+    """`job` with every option of ours at its default."""
+    return replace(job, frozen_dtype="fp32", attention="sdpa", adamw="fused", channels_last=False, compile=False)
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _sides(value: str) -> list[str]:
+    sides = [side.strip() for side in value.split(",") if side.strip()]
+    if not sides or any(side not in ("ours", "diffusers") for side in sides):
+        raise argparse.ArgumentTypeError(f"--sides takes 'ours', 'diffusers' or both, comma-separated; got '{value}'")
+    return sides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags; defaults are the issue's CPU target run (fp32, batch 1, 128 and 256 px)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=FULL_CONFIG, help="our model config; diffusers' is derived from it")
+    parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG} (both sides), for CI")
+    parser.add_argument("--sides", type=_sides, default=["ours", "diffusers"], help="comma-separated sides to run")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[128, 256], help="image sides in px (latent /8)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32", help="precision of both sides")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
+                        help="gradient checkpointing of ControlNet and UNet on both sides")
+    parser.add_argument("--no-encoders", action="store_true",
+                        help="leave VAE and text encoding out of the step (random latents and context)")
+    parser.add_argument("--frozen-dtype", choices=tuple(DTYPES), nargs="+", default=["fp32"],
+                        help="ours: storage dtypes of the frozen weights, one row each (half runs under autocast)")
+    parser.add_argument("--channels-last", action="store_true", help="ours: add rows with channels_last")
+    parser.add_argument("--compile", action="store_true", help="ours: add rows with torch.compile (slow to build)")
+    parser.add_argument("--variant", type=_variant, action="append", default=[],
+                        help=f"ours: add a row with these options (comma-separated): {', '.join(VARIANT_OPTIONS)}")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process before timing")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per row, alternating the order")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the table (or, with the internal --worker, measure one job)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(Job(**json.loads(args.worker)))))
+        return
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--steps, --rounds and --batch must be at least 1, --warmup at least 0")
+    if any(resolution % 8 for resolution in args.resolution):
+        parser.error(f"--resolution values must be multiples of 8 (the VAE factor), got {args.resolution}")
+    if args.tiny:
+        args.config = TINY_CONFIG
+    args.argv = sys.argv[1:] if argv is None else argv
+    jobs = plan(args)
+    device = torch.device(args.device)
+    peaks = {dtype: matmul_peak_flops(device, dtype or torch.float32) for dtype in {job.autocast_dtype for job in jobs}}
+    results = run_all(jobs, args.rounds)
+    print_table(args, jobs, results, peaks)
+
+
+if __name__ == "__main__":
+    main()

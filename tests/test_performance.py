@@ -1,0 +1,195 @@
+"""Each speed path gives the loss and ControlNet gradients of eager float32 training, on the tiny config."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from cldm.model import create_model
+from cldm.performance import (
+    compile_model,
+    make_optimizer,
+    step_in_backward,
+    store_frozen_weights_in,
+    use_channels_last,
+)
+from ldm.modules.attention import set_attention_backend
+from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "models" / "cldm_tiny.yaml"
+# bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2 %); after a few dozen layers the loss moves by well
+# under 1 %, and the ControlNet gradients keep their direction.
+BF16_LOSS_RTOL = 1e-2
+BF16_GRAD_COSINE = 0.99
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """Tiny ControlLDM whose zero-initialised layers got small random weights, so every gradient is non-zero."""
+    torch.manual_seed(0)
+    model = create_model(TINY_CONFIG)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05)
+    set_gradient_checkpointing(model, False)
+    return model.train()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "jpg": torch.rand(2, 64, 64, 3, generator=generator) * 2 - 1,
+        "hint": torch.rand(2, 64, 64, 3, generator=generator),
+        "txt": ["a red circle on a blue background", "a cat"],
+        "t": torch.tensor([10, 900]),
+        "noise": torch.randn(2, 4, 8, 8, generator=generator),
+    }
+
+
+def loss_and_grads(model, batch, autocast_dtype=None):
+    """Training loss (VAE and text encoding included) at fixed t and noise, and the ControlNet's gradients."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the VAE posterior sample
+    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        x, cond = model.get_input(batch, model.first_stage_key)
+        loss, _ = model.p_losses(x, cond, batch["t"], noise=batch["noise"])
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.control_model.parameters()]
+
+
+def assert_same_training(actual, expected, rtol=1e-5, atol=1e-5):
+    (loss, grads), (expected_loss, expected_grads) = actual, expected
+    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, batch):
+    """Eager float32, SDPA, no checkpointing: the numbers every speed path must reproduce."""
+    return loss_and_grads(tiny_model, batch)
+
+
+def test_reference_gradients_reach_every_controlnet_parameter(reference):
+    _, grads = reference
+    assert all(grad.abs().sum() > 0 for grad in grads)
+
+
+def test_math_attention_matches_sdpa(tiny_model, batch, reference):
+    model = copy.deepcopy(tiny_model)
+    assert set_attention_backend(model, "math") > 0
+    assert_same_training(loss_and_grads(model, batch), reference)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, batch, reference):
+    model = copy.deepcopy(tiny_model)
+    set_gradient_checkpointing(model, True)
+    assert_same_training(loss_and_grads(model, batch), reference)
+
+
+def test_channels_last_gives_the_same_loss_and_gradients(tiny_model, batch, reference):
+    model = use_channels_last(copy.deepcopy(tiny_model))
+    conv = model.control_model.input_blocks[0][0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_training(loss_and_grads(model, batch), reference)
+
+
+def test_compile_gives_the_same_loss_and_gradients(tiny_model, batch, reference):
+    """Dynamo capture and AOTAutograd's joint forward/backward graphs of UNet and ControlNet.
+
+    The `aot_eager` backend runs the captured graphs without Inductor's C++ code generation, which takes about
+    six minutes for the tiny model on a 2-core CPU; the benchmark's `--compile` rows exercise Inductor.
+    """
+    model = copy.deepcopy(tiny_model)
+    keys = list(model.state_dict())
+    try:
+        compile_model(model, backend="aot_eager")
+        result = loss_and_grads(model, batch)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # pragma: no cover - depends on the toolchain
+        pytest.skip(f"torch.compile does not work on this machine: {error}")
+    assert list(model.state_dict()) == keys
+    assert_same_training(result, reference)
+
+
+def test_frozen_bf16_storage_under_autocast_is_close_to_float32(tiny_model, batch, reference):
+    model = copy.deepcopy(tiny_model)
+    stored = store_frozen_weights_in(model, torch.bfloat16)
+    loss, grads = loss_and_grads(model, batch, autocast_dtype=torch.bfloat16)
+
+    expected_loss, expected_grads = reference
+    torch.testing.assert_close(loss, expected_loss, rtol=BF16_LOSS_RTOL, atol=0.0)
+    flat, expected_flat = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in expected_grads])
+    assert torch.nn.functional.cosine_similarity(flat, expected_flat, dim=0) > BF16_GRAD_COSINE
+    frozen = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("control_model."))
+    assert 0.9 * frozen < stored < frozen  # all but the normalisation layers
+
+
+def test_frozen_bf16_storage_keeps_trainable_and_normalisation_weights_float32(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    model.sd_locked = False  # the UNet decoder trains too
+    store_frozen_weights_in(model, torch.bfloat16)
+    unet = model.model.diffusion_model
+    assert {p.dtype for p in model.control_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in unet.output_blocks.parameters()} == {torch.float32}
+    assert unet.input_blocks[0][0].weight.dtype == torch.bfloat16
+    assert model.first_stage_model.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert model.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight.dtype == torch.bfloat16
+    norms = [m for m in unet.input_blocks.modules() if isinstance(m, GroupNorm32)]
+    assert norms and all(norm.weight.dtype == torch.float32 for norm in norms)
+
+
+def test_store_frozen_weights_rejects_integer_dtypes(tiny_model):
+    with pytest.raises(ValueError, match="frozen weights"):
+        store_frozen_weights_in(copy.deepcopy(tiny_model), torch.int8)
+
+
+def _params_with_grads(seed: int) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(64, 32), (32,), (3, 3, 8, 8)]]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator)
+    return params
+
+
+def test_fused_adamw_makes_the_same_update_as_the_default_implementation():
+    fused, plain = _params_with_grads(0), _params_with_grads(0)
+    fused_optimizer = make_optimizer(fused, lr=1e-3, fused=True)
+    plain_optimizer = make_optimizer(plain, lr=1e-3, fused=False)
+    assert fused_optimizer.defaults["fused"] and not plain_optimizer.defaults["fused"]
+    for _ in range(3):
+        fused_optimizer.step()
+        plain_optimizer.step()
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-6)
+
+
+def test_make_optimizer_fuses_by_default_where_supported():
+    assert make_optimizer(_params_with_grads(0), lr=1e-5).defaults["fused"]
+    with pytest.raises(ValueError, match="fused AdamW"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], lr=1e-5, fused=True)
+    with pytest.raises(ValueError, match="no parameters"):
+        make_optimizer([], lr=1e-5)
+
+
+def test_step_in_backward_makes_the_optimizer_step_update_and_frees_gradients():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 8, generator=generator)
+    inputs = torch.randn(4, 8, generator=generator)
+    stepped, reference = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    in_backward = step_in_backward([stepped], lr=1e-2)
+    optimizer = make_optimizer([reference], lr=1e-2)
+    for _ in range(2):
+        (inputs @ stepped.T).square().mean().backward()
+        (inputs @ reference.T).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert stepped.grad is None
+    torch.testing.assert_close(stepped, reference, rtol=0.0, atol=1e-6)
+    in_backward.remove()
+    (inputs @ stepped.T).sum().backward()
+    assert stepped.grad is not None
