@@ -16,6 +16,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     build_encoder,
     set_gradient_checkpointing,
 )
+from cldm.performance import make_optimizer
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
@@ -200,11 +201,14 @@ class ControlLDM(LatentDiffusion):
         only_mid_control: inject only the middle-block residual.
         sd_locked: keep the Stable Diffusion UNet frozen; when False its output blocks and `out` train too.
         learning_rate: AdamW learning rate.
+        fused_adamw: AdamW as one fused kernel (True), PyTorch's default implementation as the original
+            (False), or fused whenever the parameters allow it (None).
     """
 
     def __init__(self, control_stage_config: Mapping[str, Any], control_key: str, only_mid_control: bool,
-                 sd_locked: bool = True, learning_rate: float = 1e-5, **kwargs):
+                 sd_locked: bool = True, learning_rate: float = 1e-5, fused_adamw: bool | None = False, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
+        self.fused_adamw = fused_adamw
         self.control_model = instantiate_from_config(control_stage_config)
         self.control_key = control_key
         self.only_mid_control = only_mid_control
@@ -322,7 +326,7 @@ class ControlLDM(LatentDiffusion):
         return params
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        return make_optimizer(self.trainable_parameters(), lr=self.learning_rate, fused=self.fused_adamw)
 
     def low_vram_shift(self, is_diffusing: bool, device: str | torch.device = "cuda") -> None:
         """Keep only what the current phase needs on `device` (diffusion: UNet + ControlNet; else VAE + text)."""

@@ -38,7 +38,7 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def frozen_networks(model: nn.Module) -> list[nn.Module]:
+def _frozen_networks(model: nn.Module) -> list[nn.Module]:
     """The networks of a LatentDiffusion model that may hold frozen weights: VAE, text encoder and UNet."""
     networks = [model.first_stage_model, model.model.diffusion_model]
     if model.cond_stage_model is not None:
@@ -65,7 +65,7 @@ def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
     if dtype not in FROZEN_WEIGHT_DTYPES:
         raise ValueError(f"frozen weights can be stored in {FROZEN_WEIGHT_DTYPES}, got {dtype}")
     stored = 0
-    for network in frozen_networks(model):
+    for network in _frozen_networks(model):
         for layer in network.modules():
             if isinstance(layer, HALF_STORABLE_LAYERS) and _is_frozen(layer):
                 layer.to(dtype)

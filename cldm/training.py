@@ -28,6 +28,7 @@ from cldm.cli import EXIT_INTERRUPTED
 from cldm.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
+from cldm.performance import compile_model, store_frozen_weights_in, use_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,14 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
           help="inject only the middle-block control residual")
     _flag(model, "gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
           help="recompute activations in backward (default: the config's use_checkpoint)")
+
+    speed = parser.add_argument_group("speed and memory")
+    _flag(speed, "fused_adamw", action=argparse.BooleanOptionalAction, default=None,
+          help="AdamW as one fused kernel (default: whenever the parameters allow it)")
+    _flag(speed, "frozen_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+          help="store the frozen VAE, text encoder and locked UNet in this dtype (with a *-mixed --precision)")
+    _flag(speed, "channels_last", action="store_true", help="convolutions in channels-last memory format")
+    _flag(speed, "compile", action="store_true", help="torch.compile the UNet and the ControlNet")
 
     data = parser.add_argument_group("data")
     _flag(data, "data_root", default="./training/fill50k", help="folder with prompt.json, source/ and target/")
@@ -229,9 +238,16 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
     model.learning_rate = args.learning_rate
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
+    model.fused_adamw = args.fused_adamw
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
+    if args.frozen_dtype != "float32":
+        store_frozen_weights_in(model, getattr(torch, args.frozen_dtype))
+    if args.channels_last:
+        use_channels_last(model)
+    if args.compile:
+        compile_model(model)
     return model
 
 
