@@ -592,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", type=_variant, action="append", default=[],
                         help=f"ours: add a row with these options (comma-separated): {', '.join(VARIANT_OPTIONS)}")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process before timing")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process before timing")
     parser.add_argument("--rounds", type=int, default=2, help="processes per row, alternating the order")
     parser.add_argument("--json", type=Path, help="also write every job's raw measurements to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -204,6 +204,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
     _check_hardware(args)
+    if args.frozen_dtype != "float32" and args.precision == "32-true":
+        raise ValueError(f"--frozen_dtype {args.frozen_dtype} needs --precision bf16-mixed or 16-mixed "
+                         "(half-precision weights without autocast would meet float32 inputs)")
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config: {args.config} does not exist")
     args.resume_from_checkpoint = _resolve_resume(args.resume_from_checkpoint, args.default_root_dir)
