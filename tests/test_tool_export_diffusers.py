@@ -4,41 +4,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import tool_export_diffusers
 from cldm.checkpoint_io import save_state_dict
 from cldm.cldm import ControlNet
 from cldm.cli import run
+from tests.helpers.random_weights import control_params, random_control_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "models" / "cldm_tiny.yaml")
 V15 = str(REPO_ROOT / "models" / "cldm_v15.yaml")
-
-
-def control_params(config_path: str) -> dict[str, Any]:
-    config = OmegaConf.load(config_path)
-    return OmegaConf.to_container(config.model.params.control_stage_config.params, resolve=True)
-
-
-def random_control_net(params: dict[str, Any], seed: int = 0) -> ControlNet:
-    """A ControlNet whose every weight is random, zero convs included (so a wrong mapping cannot hide)."""
-    with torch.device("meta"):
-        net = ControlNet(**params)
-    net = net.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-            else:
-                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=generator)
-    return net.eval()
 
 
 def control_weights(net: ControlNet) -> dict[str, torch.Tensor]:

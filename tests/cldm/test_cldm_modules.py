@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from torch.testing import assert_close
 from cldm.cldm import ControlledUnetModel, ControlNet
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
+from tests.helpers.random_weights import randomize_
 
 TINY = dict(
     image_size=8, in_channels=4, model_channels=32, attention_resolutions=[2, 1], num_res_blocks=1,
@@ -23,19 +23,6 @@ TINY = dict(
 TINY_UNET = dict(TINY, out_channels=4)
 TINY_CONTROL = dict(TINY, hint_channels=3)
 SD_CONTROLNET_PARAMETERS = {"v15": 361_279_120, "v21": 364_228_240}
-
-
-def _randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Replace the zero-initialised layers by random weights, so every path carries signal."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if p.ndim > 1:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
-    return model
 
 
 def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -114,7 +101,7 @@ def test_hint_encoder_downsamples_by_eight_and_starts_at_zero():
 
 
 def test_controlnet_encoder_is_a_trainable_copy_of_the_unet_encoder():
-    unet = _randomize_(ControlledUnetModel(**TINY_UNET))
+    unet = randomize_(ControlledUnetModel(**TINY_UNET))
     control = ControlNet(**TINY_CONTROL)
     for name in ("time_embed", "input_blocks", "middle_block"):
         getattr(control, name).load_state_dict(getattr(unet, name).state_dict())  # strict: same keys and shapes
@@ -144,8 +131,8 @@ def test_controlnet_gradient_checkpointing_switch():
 
 
 def test_zero_controls_leave_the_unet_unchanged():
-    unet = _randomize_(ControlledUnetModel(**TINY_UNET))
-    control = _randomize_(ControlNet(**TINY_CONTROL))
+    unet = randomize_(ControlledUnetModel(**TINY_UNET))
+    control = randomize_(ControlNet(**TINY_CONTROL))
     for tap in [*control.zero_convs, control.middle_block_out]:
         nn.init.zeros_(tap[0].weight), nn.init.zeros_(tap[0].bias)
     with torch.no_grad():
@@ -156,7 +143,7 @@ def test_zero_controls_leave_the_unet_unchanged():
 
 
 def test_only_mid_control_ignores_the_skip_residuals():
-    unet = _randomize_(ControlledUnetModel(**TINY_UNET))
+    unet = randomize_(ControlledUnetModel(**TINY_UNET))
     controls = _random_controls()
     mid_only = [torch.zeros_like(c) for c in controls[:-1]] + [controls[-1]]
     with torch.no_grad():
@@ -168,7 +155,7 @@ def test_only_mid_control_ignores_the_skip_residuals():
 
 
 def test_control_list_is_not_consumed():
-    unet = _randomize_(ControlledUnetModel(**TINY_UNET))
+    unet = randomize_(ControlledUnetModel(**TINY_UNET))
     controls = _random_controls()
     snapshot = list(controls)
     with torch.no_grad():
@@ -179,8 +166,8 @@ def test_control_list_is_not_consumed():
 
 
 def test_frozen_encoder_gets_no_gradients_but_the_control_branch_does():
-    unet = _randomize_(ControlledUnetModel(**TINY_UNET))
-    control = _randomize_(ControlNet(**TINY_CONTROL))
+    unet = randomize_(ControlledUnetModel(**TINY_UNET))
+    control = randomize_(ControlNet(**TINY_CONTROL))
     residuals = control(hint=torch.rand(2, 3, 64, 64), **_inputs())
     unet(**_inputs(), control=residuals).square().mean().backward()
     for name, p in unet.named_parameters():

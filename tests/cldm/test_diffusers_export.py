@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from cldm.cldm import ControlNet
 from cldm.diffusers_export import (
@@ -15,35 +14,19 @@ from cldm.diffusers_export import (
     diffusers_module_names,
     to_diffusers_state_dict,
 )
+from tests.helpers.random_weights import control_params as read_control_params
+from tests.helpers.random_weights import random_control_net
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def control_params(name: str) -> dict[str, Any]:
     """`control_stage_config.params` of models/<name>.yaml as a plain dict."""
-    config = OmegaConf.load(REPO_ROOT / "models" / f"{name}.yaml")
-    return OmegaConf.to_container(config.model.params.control_stage_config.params, resolve=True)
+    return read_control_params(REPO_ROOT / "models" / f"{name}.yaml")
 
 
 # The SD2.1 architecture (head width 64, linear projections, 1024-wide context) at a quarter of the width.
 SD21_SMALL = {**control_params("cldm_v21"), "model_channels": 64}
-
-
-def random_control_net(params: dict[str, Any], seed: int = 0) -> ControlNet:
-    """A ControlNet whose every weight is random, zero convs included (so a wrong mapping cannot hide)."""
-    with torch.device("meta"):
-        net = ControlNet(**params)
-    net = net.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if param.ndim >= 2:  # conv / linear: variance-preserving
-                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-            elif name.endswith("weight"):  # norm scales
-                param.normal_(1.0, 0.1, generator=generator)
-            else:  # biases
-                param.normal_(0.0, 0.1, generator=generator)
-    return net.eval()
 
 
 def relative_errors(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> list[float]:

@@ -18,6 +18,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     UNetModel,
 )
 from ldm.modules.diffusionmodules.util import timestep_embedding
+from tests.helpers.random_weights import randomize_
 
 TINY_UNET = dict(
     image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2, 1],
@@ -25,19 +26,6 @@ TINY_UNET = dict(
     context_dim=32, use_checkpoint=True, legacy=False,
 )
 SD_PARAMETERS = {"v15": 859_520_964, "v21": 865_910_724}
-
-
-def _randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Replace the zero-initialised layers by random weights, so every path carries signal."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if p.ndim > 1:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
-    return model
 
 
 def _tiny_inputs(seed: int = 0):
@@ -126,7 +114,7 @@ def test_res_block_keys_and_zero_init():
 
 
 def test_tiny_unet_forward_backward():
-    unet = _randomize_(UNetModel(**TINY_UNET))
+    unet = randomize_(UNetModel(**TINY_UNET))
     inputs = _tiny_inputs()
     out = unet(**inputs)
     assert out.shape == inputs["x"].shape
@@ -135,7 +123,7 @@ def test_tiny_unet_forward_backward():
 
 
 def test_checkpointing_changes_memory_not_results():
-    unet = _randomize_(UNetModel(**TINY_UNET))
+    unet = randomize_(UNetModel(**TINY_UNET))
     inputs = _tiny_inputs()
     calls = []
     unet.input_blocks[1][1].transformer_blocks[0].attn1.register_forward_hook(lambda *_: calls.append(1))
@@ -163,7 +151,7 @@ def test_set_gradient_checkpointing_reaches_every_block():
 
 
 def test_attention_backends_agree_in_the_unet():
-    unet = _randomize_(UNetModel(**TINY_UNET, attn_backend="math"))
+    unet = randomize_(UNetModel(**TINY_UNET, attn_backend="math"))
     inputs = _tiny_inputs()
     with torch.no_grad():
         reference = unet(**inputs)
@@ -202,7 +190,7 @@ def test_class_labels_are_required_exactly_for_class_conditional_models():
     inputs = _tiny_inputs()
     with pytest.raises(ValueError, match="num_classes"):
         UNetModel(**TINY_UNET)(**inputs, y=torch.tensor([0, 1]))
-    conditional = _randomize_(UNetModel(**TINY_UNET, num_classes=3))
+    conditional = randomize_(UNetModel(**TINY_UNET, num_classes=3))
     with pytest.raises(ValueError, match="num_classes"):
         conditional(**inputs)
     with torch.no_grad():
@@ -219,7 +207,7 @@ def test_legacy_attention_variant_with_resblock_resampling(use_new_attention_ord
     sites = [m for m in unet.modules() if isinstance(m, AttentionBlock)]
     assert len(sites) == 2 + 1 + 3 and all(site.num_heads == 4 for site in sites)
     assert isinstance(sites[0].attention, QKVAttention if use_new_attention_order else QKVAttentionLegacy)
-    _randomize_(unet)
+    randomize_(unet)
     x = torch.randn(1, 3, 8, 8)
     assert unet(x, torch.tensor([10])).shape == (1, 5, 8, 8)
 
@@ -236,6 +224,6 @@ def test_legacy_head_logic_keeps_original_shapes():
 def test_fp16_flag_and_codebook_head():
     assert UNetModel(**TINY_UNET, use_fp16=True).dtype == torch.float16
     assert UNetModel(**TINY_UNET).dtype == torch.float32
-    unet = _randomize_(UNetModel(**TINY_UNET, n_embed=7))
+    unet = randomize_(UNetModel(**TINY_UNET, n_embed=7))
     with torch.no_grad():
         assert unet(**_tiny_inputs()).shape == (2, 7, 8, 8)
