@@ -151,12 +151,7 @@ class DDPM(pl.LightningModule):
         self.ucg_training = dict(ucg_training or {})
         self.ucg_prng = np.random.RandomState() if self.ucg_training else None
 
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
-            if reset_ema and self.use_ema:
-                self.model_ema = LitEma(self.model)
-        if reset_num_ema_updates and self.use_ema:
-            self.model_ema.reset_num_updates()
+        self.restore(ckpt_path, ignore_keys, load_only_unet, reset_ema, reset_num_ema_updates)
 
     # -- schedule -------------------------------------------------------------------------------
 
@@ -227,6 +222,16 @@ class DDPM(pl.LightningModule):
                 self.model_ema.restore(self.model.parameters())
                 if context is not None:
                     logger.info("%s: restored training weights", context)
+
+    def restore(self, ckpt_path: str | None, ignore_keys: Sequence[str], only_model: bool, reset_ema: bool,
+                reset_num_ema_updates: bool) -> None:
+        """The constructor's optional start from `ckpt_path`, with the EMA reset options."""
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=only_model)
+            if reset_ema and self.use_ema:
+                self.model_ema = LitEma(self.model)
+        if reset_num_ema_updates and self.use_ema:
+            self.model_ema.reset_num_updates()
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         """Load weights non-strictly from `path`, dropping keys that start with any of `ignore_keys`."""
@@ -444,12 +449,7 @@ class LatentDiffusion(DDPM):
         self.clip_denoised = False
         self.bbox_tokenizer = None
         self.restarted_from_ckpt = ckpt_path is not None
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys)
-            if reset_ema and self.use_ema:
-                self.model_ema = LitEma(self.model)
-        if reset_num_ema_updates and self.use_ema:
-            self.model_ema.reset_num_updates()
+        self.restore(ckpt_path, ignore_keys, False, reset_ema, reset_num_ema_updates)
 
     # -- frozen sub-models -------------------------------------------------------------------------
 
