@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cldm.model import create_model
 from cldm.performance import (
     compile_model,
     make_optimizer,
@@ -18,6 +17,7 @@ from cldm.performance import (
 from ldm.modules.attention import set_attention_backend
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 from ldm.modules.diffusionmodules.util import GroupNorm32
+from tests.helpers.random_weights import model_without_zero_layers
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "models" / "cldm_tiny.yaml"
 # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2 %); after a few dozen layers the loss moves by well
@@ -29,12 +29,7 @@ BF16_GRAD_COSINE = 0.99
 @pytest.fixture(scope="module")
 def tiny_model():
     """Tiny ControlLDM whose zero-initialised layers got small random weights, so every gradient is non-zero."""
-    torch.manual_seed(0)
-    model = create_model(TINY_CONFIG)
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.any():
-                param.normal_(0.0, 0.05)
+    model = model_without_zero_layers(TINY_CONFIG)
     set_gradient_checkpointing(model, False)
     return model.train()
 

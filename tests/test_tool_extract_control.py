@@ -12,6 +12,7 @@ from cldm.checkpoint_io import CONTROL_PREFIX, save_state_dict
 from cldm.cli import run
 from cldm.model import create_model, load_weights
 from cldm.sampling import load_control_ldm, merge_base_and_control
+from tests.helpers.random_weights import model_without_zero_layers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "models" / "cldm_tiny.yaml")
@@ -21,12 +22,7 @@ V15 = str(REPO_ROOT / "models" / "cldm_v15.yaml")
 @pytest.fixture(scope="module")
 def full_state_dict() -> dict[str, torch.Tensor]:
     """A tiny ControlLDM with seeded weights, the zero-initialised ones made random (as after training)."""
-    torch.manual_seed(0)
-    model = create_model(TINY)
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.any():
-                param.normal_(0.0, 0.05)
+    model = model_without_zero_layers(TINY)
     return {key: tensor.clone() for key, tensor in model.state_dict().items()}
 
 

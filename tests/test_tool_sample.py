@@ -16,8 +16,8 @@ import tool_sample
 from cldm.checkpoint_io import CONTROL_PREFIX, save_state_dict
 from cldm.cli import run
 from cldm.ddim_hacked import DDIMSampler
-from cldm.model import create_model, load_state_dict
 from cldm.sampling import SampleSettings, hwc3, load_control_ldm, prepare_hint, read_image, resize_image, sample_images
+from tests.helpers.random_weights import model_without_zero_layers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "models" / "cldm_tiny.yaml")
@@ -27,12 +27,7 @@ TINY = str(REPO_ROOT / "models" / "cldm_tiny.yaml")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny ControlLDM checkpoint with every zero-initialised weight made random, its split, and a hint."""
     folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = create_model(TINY)
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.any():
-                param.normal_(0.0, 0.05)
+    model = model_without_zero_layers(TINY)
     state_dict = model.state_dict()
     save_state_dict(state_dict, folder / "full.safetensors")
     control = {k: t for k, t in state_dict.items() if k.startswith(CONTROL_PREFIX)}

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from cldm.cldm import ControlNet
+from cldm.model import create_model
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -44,3 +45,15 @@ def random_control_net(params: dict[str, Any], seed: int = 0) -> ControlNet:
             else:  # norm scales around 1, biases around 0
                 param.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=generator)
     return net.eval()
+
+
+def model_without_zero_layers(config_path: str | Path) -> nn.Module:
+    """`create_model(config_path)` seeded with 0, its zero-initialised parameters drawn from N(0, 0.05^2) (as after
+    training), so every control residual and gradient is non-zero."""
+    torch.manual_seed(0)
+    model = create_model(str(config_path))
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05)
+    return model
