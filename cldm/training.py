@@ -167,6 +167,11 @@ def _check_training_checkpoint(path: Path) -> None:
                          f"{', '.join(missing)}); to start a new run from its weights pass it as --resume_path")
 
 
+def uses_gpu(args: argparse.Namespace) -> bool:
+    """Whether the run trains on CUDA GPUs (asked for, or `auto` with one visible)."""
+    return args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+
+
 def _check_hardware(args: argparse.Namespace) -> None:
     if args.accelerator not in ACCELERATORS:
         raise ValueError(f"--accelerator '{args.accelerator}' is not one of {', '.join(ACCELERATORS)}")
@@ -175,7 +180,7 @@ def _check_hardware(args: argparse.Namespace) -> None:
     package = STRATEGIES[args.strategy]
     if package and importlib.util.find_spec(package) is None:
         raise ValueError(f"--strategy {args.strategy} needs the '{package}' package: pip install {package}")
-    on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = uses_gpu(args)
     if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"--accelerator {args.accelerator} needs a CUDA GPU and none is visible; "
                          f"use --accelerator cpu")
@@ -355,8 +360,7 @@ def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: s
     warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
-    on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
-    dataloader = build_dataloader(args, on_gpu=on_gpu)
+    dataloader = build_dataloader(args, on_gpu=uses_gpu(args))
     model = build_model(args)
     trainer = build_trainer(args, dataloader.sampler)
     try:
