@@ -67,6 +67,7 @@ class Job:
     adamw: str = "fused"  # ours: "fused", "plain" (PyTorch's default implementation) or "in-backward"
     channels_last: bool = False  # ours
     compile: bool = False  # ours
+    autocast_cache: bool = False  # ours: autocast's weight-cast cache (Lightning turns it off)
     count_flops: bool = True
 
     @property
@@ -88,6 +89,8 @@ class Job:
             parts.append(f"{self.attention} attention")
         if self.side == "ours" and self.adamw != "fused":
             parts.append({"plain": "plain AdamW", "in-backward": "AdamW step in backward"}[self.adamw])
+        if self.autocast_cache and self.autocast_dtype is not None:
+            parts.append("autocast cache on")
         if self.channels_last:
             parts.append("channels_last")
         if self.compile:
@@ -104,9 +107,9 @@ def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tenso
     """Our ControlLDM with the job's speed options, its optimizer and a closure running one training step."""
     from cldm.model import create_model
     from cldm.performance import (
+        AdamWInBackward,
         compile_model,
         make_optimizer,
-        step_in_backward,
         store_frozen_weights_in,
         use_channels_last,
     )
@@ -125,22 +128,25 @@ def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tenso
     if job.compile:
         compile_model(model)
     if job.adamw == "in-backward":
-        step_in_backward(model.trainable_parameters(), LEARNING_RATE)
-        optimizer = None
+        optimizer = AdamWInBackward(model.trainable_parameters(), LEARNING_RATE)
     else:
         optimizer = make_optimizer(model.trainable_parameters(), LEARNING_RATE, fused=job.adamw == "fused")
     data = make_data(job, device, context_dim=_context_dim(job.config))
     batch = {"jpg": data["image"].permute(0, 2, 3, 1), "txt": data["prompts"], "hint": data["hint"].permute(0, 2, 3, 1)}
     cond = {"c_crossattn": [data["context"]], "c_concat": [data["hint"]]}
 
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=job.autocast_dtype, enabled=job.autocast_dtype is not None):
+    def forward_backward() -> torch.Tensor:
+        # Lightning's mixed precision turns autocast's weight-cast cache off: with checkpointing, the cache would
+        # keep a half-precision copy of every trainable weight until the end of the forward pass.
+        with torch.autocast(device.type, dtype=job.autocast_dtype, enabled=job.autocast_dtype is not None,
+                            cache_enabled=job.autocast_cache):
             loss, _ = model.shared_step(batch) if job.encoders else model(data["latents"], cond)
         loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def step() -> torch.Tensor:  # as Lightning's automatic optimization: zero_grad, then step(closure)
+        optimizer.zero_grad(set_to_none=True)
+        return optimizer.step(forward_backward)
 
     sizes = _sizes(model.model.diffusion_model, model.control_model, model.first_stage_model, model.cond_stage_model)
     return step, sizes
@@ -359,7 +365,7 @@ def measure(job: Job) -> dict[str, Any]:
         times.append(time.perf_counter() - started)
     peak = peak_memory_bytes(device)
     flops = count_flops(step) if job.count_flops and not job.compile else None
-    return {"times": times, "peak_bytes": peak, "flops": flops, "loss": float(loss), "sizes": sizes}
+    return {"times": times, "peak_bytes": peak, "flops": flops, "loss": float(loss.detach()), "sizes": sizes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +398,7 @@ VARIANT_OPTIONS = {
     "sliced-attention": {"attention": "sliced"},
     "plain-adamw": {"adamw": "plain"},
     "step-in-backward": {"adamw": "in-backward"},
+    "autocast-cache": {"autocast_cache": True},
 }
 
 
@@ -546,7 +553,8 @@ def _default_comparisons(jobs: list[Job], results: dict[Job, dict[str, Any]]) ->
 
 def _default_fields(job: Job) -> Job:
     """`job` with every option of ours at its default."""
-    return replace(job, frozen_dtype="fp32", attention="sdpa", adamw="fused", channels_last=False, compile=False)
+    return replace(job, frozen_dtype="fp32", attention="sdpa", adamw="fused", channels_last=False, compile=False,
+                   autocast_cache=False)
 
 
 def _device_name(device: str) -> str:

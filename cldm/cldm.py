@@ -16,7 +16,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     build_encoder,
     set_gradient_checkpointing,
 )
-from cldm.performance import make_optimizer
+from cldm.performance import AdamWInBackward, make_optimizer
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
@@ -164,18 +164,26 @@ class ControlNet(nn.Module):
         # 1. timestep embedding: (B, 4 * model_channels)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
         # 2. hint encoding: (B, hint_channels, 8H, 8W) -> (B, model_channels, H, W)
-        guided_hint = self.input_hint_block(hint, emb, context)
+        guided_hint = _in_float32(self.input_hint_block, hint, emb, context)
         # 3. encoder with a zero-conv tap after every block; the hint joins right after the stem conv
         stem, *blocks = self.input_blocks
         h = stem(x.type(self.dtype), emb, context) + guided_hint  # (B, model_channels, H, W)
-        outs = [self.zero_convs[0](h, emb, context)]
+        outs = [_in_float32(self.zero_convs[0], h, emb, context)]
         for block, zero_conv in zip(blocks, self.zero_convs[1:], strict=True):
             h = block(h, emb, context)
-            outs.append(zero_conv(h, emb, context))
+            outs.append(_in_float32(zero_conv, h, emb, context))
         # 4. middle block and its zero conv: (B, C_max, H / 2^(L-1), W / 2^(L-1))
         h = self.middle_block(h, emb, context)
-        outs.append(self.middle_block_out(h, emb, context))
+        outs.append(_in_float32(self.middle_block_out, h, emb, context))
         return outs
+
+
+def _in_float32(layers: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
+                context: torch.Tensor | None) -> torch.Tensor:
+    """`layers(h)` in float32 with autocast off: under mixed precision the hint encoder and the zero convolutions,
+    whose outputs start at exactly zero and grow from small updates, stay float32-accurate (a no-op in float32)."""
+    with torch.autocast(h.device.type, enabled=False):
+        return layers(h.float(), emb, context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +211,16 @@ class ControlLDM(LatentDiffusion):
         learning_rate: AdamW learning rate.
         fused_adamw: AdamW as one fused kernel (True), PyTorch's default implementation as the original
             (False), or fused whenever the parameters allow it (None).
+        optimizer_in_backward: update each parameter during backward as soon as its gradient is ready
+            (`AdamWInBackward`: the same AdamW update without holding all gradients; one device, no accumulation).
     """
 
     def __init__(self, control_stage_config: Mapping[str, Any], control_key: str, only_mid_control: bool,
-                 sd_locked: bool = True, learning_rate: float = 1e-5, fused_adamw: bool | None = False, **kwargs):
+                 sd_locked: bool = True, learning_rate: float = 1e-5, fused_adamw: bool | None = False,
+                 optimizer_in_backward: bool = False, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.fused_adamw = fused_adamw
+        self.optimizer_in_backward = optimizer_in_backward
         self.control_model = instantiate_from_config(control_stage_config)
         self.control_key = control_key
         self.only_mid_control = only_mid_control
@@ -227,8 +239,14 @@ class ControlLDM(LatentDiffusion):
     @sd_locked.setter
     def sd_locked(self, locked: bool) -> None:
         """Lock or unlock the UNet decoder; locked weights get no gradients (no memory, no all-reduce)."""
-        self._sd_locked = bool(locked)
         unet = self.model.diffusion_model
+        if not locked:
+            decoder = [*unet.output_blocks.parameters(), *unet.out.parameters()]
+            half = sorted({str(p.dtype) for p in decoder if p.is_floating_point() and p.dtype != torch.float32})
+            if half:
+                raise ValueError(f"cannot unlock the UNet decoder: its frozen weights are stored in {', '.join(half)} "
+                                 "(store_frozen_weights_in); set sd_locked = False before storing frozen weights")
+        self._sd_locked = bool(locked)
         unet.requires_grad_(False)
         if not locked:
             unet.output_blocks.requires_grad_(True)
@@ -326,6 +344,8 @@ class ControlLDM(LatentDiffusion):
         return params
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_in_backward:
+            return AdamWInBackward(self.trainable_parameters(), lr=self.learning_rate, fused=self.fused_adamw)
         return make_optimizer(self.trainable_parameters(), lr=self.learning_rate, fused=self.fused_adamw)
 
     def low_vram_shift(self, is_diffusing: bool, device: str | torch.device = "cuda") -> None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
 
@@ -114,60 +112,52 @@ def make_optimizer(params: Iterable[nn.Parameter], lr: float, fused: bool | None
     params = list(params)
     if not params:
         raise ValueError("make_optimizer got no parameters; check that the ControlNet parameters require grad")
+    return torch.optim.AdamW(params, lr=lr, fused=_use_fused(params, fused))
+
+
+def _use_fused(params: list[nn.Parameter], fused: bool | None) -> bool:
+    """`fused`, or whether every parameter supports the fused kernel when it is None; refuses an impossible True."""
     supported = fused_adamw_supported(params)
     if fused and not supported:
         raise ValueError(
             f"fused AdamW needs dense floating-point parameters on one of {FUSED_ADAMW_DEVICE_TYPES}; pass fused=None"
         )
-    if supported if fused is None else fused:
-        return torch.optim.AdamW(params, lr=lr, fused=True)
-    return torch.optim.AdamW(params, lr=lr)
+    return supported if fused is None else fused
 
 
-@dataclass
-class OptimizerInBackward:
-    """Per-parameter optimizers that step from gradient hooks during backward (see `step_in_backward`)."""
+class AdamWInBackward(torch.optim.AdamW):
+    """AdamW whose update runs inside backward: each parameter steps as soon as its gradient is complete.
 
-    optimizers: list[torch.optim.Optimizer]
-    handles: list[RemovableHandle] = field(default_factory=list)
-
-    def remove(self) -> None:
-        """Detach the hooks; gradients then accumulate as usual again."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        """The optimizers' states, in parameter order, for checkpoints."""
-        return [optimizer.state_dict() for optimizer in self.optimizers]
-
-    def load_state_dict(self, state_dicts: list[dict[str, Any]]) -> None:
-        """Restore states saved by `state_dict` for the same parameters."""
-        if len(state_dicts) != len(self.optimizers):
-            raise ValueError(f"got {len(state_dicts)} optimizer states for {len(self.optimizers)} parameters")
-        for optimizer, state in zip(self.optimizers, state_dicts, strict=True):
-            optimizer.load_state_dict(state)
-
-
-def _step_and_free(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
-    def hook(param: torch.Tensor) -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return hook
-
-
-def step_in_backward(params: Iterable[nn.Parameter], lr: float, fused: bool | None = None) -> OptimizerInBackward:
-    """Fuse the AdamW step into backward: each parameter steps as soon as its gradient is complete, then frees it.
-
-    The update equals `make_optimizer(params, lr, fused)` followed by `step()`, but the gradients never all exist at
-    once (1.4 GB for the SD1.5 ControlNet in float32). Each backward is one optimizer step, so there is no gradient
-    accumulation, clipping or fp16 loss scaling, and no separate `optimizer.step()`; with Lightning this needs manual
-    optimization (`self.manual_backward(loss)` only).
+    The gradient is freed right after its update, so the gradients of all trainable parameters never exist at
+    once (1.4 GB for the SD1.5 ControlNet in float32). The update, the state and `state_dict()` equal plain
+    `AdamW`'s, so checkpoints resume either way. `step(closure)` runs the closure (forward and backward), which
+    is where the update happens: Lightning's automatic optimization drives it as any optimizer. Each backward is
+    one optimizer step, so gradient accumulation, gradient clipping, fp16 loss scaling and DDP (whose all-reduce
+    comes after the gradient hooks) cannot be combined with it.
     """
-    params = list(params)
-    if not params or not all(p.requires_grad for p in params):
-        raise ValueError("step_in_backward needs a non-empty list of parameters that all require grad")
-    optimizers = [make_optimizer([param], lr, fused) for param in params]
-    handles = [param.register_post_accumulate_grad_hook(_step_and_free(opt)) for param, opt in zip(params, optimizers)]
-    return OptimizerInBackward(optimizers, handles)
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, fused: bool | None = None) -> None:
+        params = list(params)
+        if not params or not all(p.requires_grad for p in params):
+            raise ValueError("AdamWInBackward needs a non-empty list of parameters that all require grad")
+        super().__init__(params, lr=lr, fused=_use_fused(params, fused))
+        self._hooks = [param.register_post_accumulate_grad_hook(self._step_parameter) for param in params]
+
+    def _step_parameter(self, param: torch.Tensor) -> None:
+        # The other parameters have no gradient now (each frees its own after its update), so AdamW's step,
+        # which skips parameters without a gradient, updates `param` alone.
+        super().step()
+        param.grad = None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Run `closure` (forward and backward); the parameters are updated during its backward."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks; gradients then accumulate as usual and `step` no longer updates."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()

@@ -42,7 +42,7 @@ SINGLE_DEVICE_DEFAULTS: dict[str, Any] = dict(
     sd_locked=True,
     only_mid_control=False,
     precision="32",
-    num_workers=0,
+    num_workers=None,
     devices=1,
     num_nodes=1,
     strategy="auto",
@@ -62,6 +62,8 @@ STRATEGIES = {"auto": None, "ddp": None, "ddp_spawn": None, "ddp_find_unused_par
 CHECKPOINT_DIRNAME = "checkpoints"
 # What a Lightning training checkpoint (what --resume_from_checkpoint continues) holds beyond model weights.
 TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
+# DataLoader workers per GPU by default (pinned memory and persistent workers come with them).
+MAX_GPU_WORKERS = 4
 # Image sides must be multiples of this: the VAE downsamples 8x and the UNet three more times.
 IMAGE_SIZE_MULTIPLE = 64
 
@@ -98,12 +100,16 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
           help="store the frozen VAE, text encoder and locked UNet in this dtype (with a *-mixed --precision)")
     _flag(speed, "channels_last", action="store_true", help="convolutions in channels-last memory format")
     _flag(speed, "compile", action="store_true", help="torch.compile the UNet and the ControlNet")
+    _flag(speed, "optimizer_in_backward", action="store_true",
+          help="update each parameter in backward as soon as its gradient is ready, so all gradients never exist "
+               "at once (one device; not with gradient accumulation, clipping, 16-mixed or --skip_nonfinite)")
 
     data = parser.add_argument_group("data")
     _flag(data, "data_root", default="./training/fill50k", help="folder with prompt.json, source/ and target/")
     _flag(data, "resolution", type=int, default=None, help="resize images to this size (multiple of 64)")
     _flag(data, "batch_size", type=int, default=defaults["batch_size"], help="samples per device per step")
-    _flag(data, "num_workers", type=int, default=defaults["num_workers"], help="DataLoader worker processes")
+    _flag(data, "num_workers", type=int, default=defaults["num_workers"],
+          help=f"DataLoader worker processes (default: 0 on CPU as the original, up to {MAX_GPU_WORKERS} per GPU)")
     _flag(data, "prompt_dropout", type=float, default=0.0, help="probability of training with an empty prompt")
 
     run = parser.add_argument_group("run")
@@ -193,6 +199,24 @@ def _check_hardware(args: argparse.Namespace) -> None:
         raise ValueError("--precision 16-mixed needs a GPU; use bf16-mixed or 32 on the CPU")
 
 
+def _check_optimizer_in_backward(args: argparse.Namespace) -> None:
+    """Refuse what cannot work when each parameter is updated during backward, before the step is complete."""
+    if not args.optimizer_in_backward:
+        return
+    conflicts = {
+        "--accumulate_grad_batches > 1": args.accumulate_grad_batches > 1,
+        "--gradient_clip_val": args.gradient_clip_val is not None,
+        "--precision 16-mixed (loss scaling)": args.precision == "16-mixed",
+        "--skip_nonfinite": args.skip_nonfinite,
+        "more than one device or node": args.devices * args.num_nodes > 1,
+        f"--strategy {args.strategy}": args.strategy != "auto",
+    }
+    conflict = next((name for name, present in conflicts.items() if present), None)
+    if conflict is not None:
+        raise ValueError(f"--optimizer_in_backward updates each parameter during backward, which cannot be combined "
+                         f"with {conflict}; drop one of the two")
+
+
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate and normalise the arguments; raises ValueError/FileNotFoundError with one clear sentence."""
     if args.precision not in PRECISIONS:
@@ -202,7 +226,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
                  "checkpoint_every_n_steps", "keep_last_k", "log_ddim_steps", "learning_rate"):
         _check_positive(name, getattr(args, name), allow_none=False)
     _check_positive("max_epochs", args.max_epochs)
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if not 0.0 <= args.prompt_dropout <= 1.0:
         raise ValueError(f"--prompt_dropout must be in [0, 1], got {args.prompt_dropout}")
@@ -212,6 +236,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.frozen_dtype != "float32" and args.precision == "32-true":
         raise ValueError(f"--frozen_dtype {args.frozen_dtype} needs --precision bf16-mixed or 16-mixed "
                          "(half-precision weights without autocast would meet float32 inputs)")
+    _check_optimizer_in_backward(args)
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config: {args.config} does not exist")
     args.resume_from_checkpoint = _resolve_resume(args.resume_from_checkpoint, args.default_root_dir)
@@ -247,6 +272,7 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
     model.fused_adamw = args.fused_adamw
+    model.optimizer_in_backward = args.optimizer_in_backward
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
@@ -287,6 +313,14 @@ def collate_same_size(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(batch)
 
 
+def default_num_workers(on_gpu: bool, devices: int) -> int:
+    """0 on CPU (the original's; workers would compete with the training threads), else up to `MAX_GPU_WORKERS`
+    per GPU, as many as the node's CPU cores allow."""
+    if not on_gpu:
+        return 0
+    return max(1, min(MAX_GPU_WORKERS, (os.cpu_count() or 1) // max(1, devices) - 1))
+
+
 def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
     """Fill50K-format data, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank."""
     from tutorial_dataset import MyDataset
@@ -301,7 +335,7 @@ def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
     # Each new iterator draws its workers' base seed from `generator`; from the global random stream it would take
     # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
     generator = torch.Generator().manual_seed(sampler.seed)
-    workers = args.num_workers
+    workers = default_num_workers(on_gpu, args.devices) if args.num_workers is None else args.num_workers
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, generator=generator, num_workers=workers,
                       collate_fn=collate_same_size, pin_memory=on_gpu, persistent_workers=workers > 0)
 

@@ -599,6 +599,26 @@ def _(inputs, tmp, monkeypatch):
                 "--accelerator gpu needs a CUDA GPU and none is visible; use --accelerator cpu")
 
 
+@row("train-frozen-dtype-without-mixed-precision")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--frozen_dtype", "bfloat16", "--precision", "32"),
+                "--frozen_dtype bfloat16 needs --precision bf16-mixed or 16-mixed")
+
+
+@row("train-optimizer-in-backward-with-accumulation")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main,
+                _train(inputs, tmp, "--optimizer_in_backward", "--accumulate_grad_batches", "2"),
+                "--optimizer_in_backward updates each parameter during backward, which cannot be combined with "
+                "--accumulate_grad_batches > 1")
+
+
+@row("train-optimizer-in-backward-on-several-devices")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--optimizer_in_backward", "--devices", "2"),
+                "cannot be combined with more than one device or node")
+
+
 @row("train-devices-more-than-gpus")
 def _(inputs, tmp, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cldm.performance import (
+    AdamWInBackward,
     compile_model,
     make_optimizer,
-    step_in_backward,
     store_frozen_weights_in,
     use_channels_last,
 )
@@ -171,20 +171,74 @@ def test_make_optimizer_fuses_by_default_where_supported():
         make_optimizer([], lr=1e-5)
 
 
-def test_step_in_backward_makes_the_optimizer_step_update_and_frees_gradients():
-    generator = torch.Generator().manual_seed(3)
-    weight = torch.randn(16, 8, generator=generator)
-    inputs = torch.randn(4, 8, generator=generator)
-    stepped, reference = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
-    in_backward = step_in_backward([stepped], lr=1e-2)
-    optimizer = make_optimizer([reference], lr=1e-2)
-    for _ in range(2):
-        (inputs @ stepped.T).square().mean().backward()
-        (inputs @ reference.T).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        assert stepped.grad is None
-    torch.testing.assert_close(stepped, reference, rtol=0.0, atol=1e-6)
-    in_backward.remove()
-    (inputs @ stepped.T).sum().backward()
-    assert stepped.grad is not None
+def _two_layer_loss(first: torch.nn.Linear, second: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    return second(torch.tanh(first(inputs))).square().mean()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_in_backward_makes_adamws_updates_and_frees_each_gradient(fused):
+    torch.manual_seed(3)
+    layers = [torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)]
+    reference = copy.deepcopy(layers)
+    inputs = torch.randn(5, 8)
+    in_backward = AdamWInBackward([p for layer in layers for p in layer.parameters()], lr=1e-2, fused=fused)
+    adamw = make_optimizer([p for layer in reference for p in layer.parameters()], lr=1e-2, fused=fused)
+    for _ in range(3):
+        in_backward.zero_grad()
+        loss = in_backward.step(lambda: _two_layer_loss(*layers, inputs).backward())
+        adamw.zero_grad()
+        adamw.step(lambda: _two_layer_loss(*reference, inputs).backward())
+        assert loss is None and all(p.grad is None for layer in layers for p in layer.parameters())
+    for actual, expected in zip(layers, reference, strict=True):
+        torch.testing.assert_close(actual.state_dict(), expected.state_dict(), rtol=0.0, atol=1e-6)
+    # The same state as AdamW's: checkpoints resume with either optimizer.
+    adamw.load_state_dict(in_backward.state_dict())
+    in_backward.remove_hooks()
+    _two_layer_loss(*layers, inputs).backward()
+    assert all(p.grad is not None for layer in layers for p in layer.parameters())
+
+
+def test_adamw_in_backward_needs_parameters_that_require_grad():
+    with pytest.raises(ValueError, match="require grad"):
+        AdamWInBackward([torch.nn.Parameter(torch.zeros(2), requires_grad=False)], lr=1e-5)
+    with pytest.raises(ValueError, match="require grad"):
+        AdamWInBackward([], lr=1e-5)
+
+
+def test_hint_encoder_and_zero_convs_stay_float32_under_autocast(tiny_model, batch):
+    control = tiny_model.control_model
+    taps = [control.input_hint_block, *control.zero_convs, control.middle_block_out]
+    seen = []
+    handles = [tap.register_forward_hook(lambda layer, args, out: seen.append((layer, args[0], out))) for tap in taps]
+    x, hint = batch["noise"], batch["hint"].permute(0, 3, 1, 2)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            context = tiny_model.get_learned_conditioning(batch["txt"])
+            residuals = control(x=x, hint=hint, timesteps=batch["t"], context=context)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [layer for layer, _, _ in seen] == taps
+    assert all(residual.dtype == torch.float32 for residual in residuals)
+    with torch.no_grad():
+        for layer, layer_input, output in seen:
+            assert layer_input.dtype == output.dtype == torch.float32
+            torch.testing.assert_close(output, layer(layer_input, None, None), rtol=0.0, atol=0.0)
+
+
+def test_noise_is_the_same_for_channels_last_latents(tiny_model):
+    latents = torch.randn(2, 4, 8, 8)
+    noisy = []
+    for x_start in (latents, latents.to(memory_format=torch.channels_last)):
+        torch.manual_seed(5)
+        noisy.append(tiny_model.q_sample(x_start, torch.tensor([10, 900])))
+    torch.testing.assert_close(noisy[0], noisy[1], rtol=0.0, atol=0.0)
+
+
+def test_the_unet_decoder_cannot_be_unlocked_once_stored_in_half_precision(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    model.sd_locked = True
+    store_frozen_weights_in(model, torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot unlock the UNet decoder.*bfloat16"):
+        model.sd_locked = False
+    assert model.sd_locked and not any(p.requires_grad for p in model.model.diffusion_model.parameters())

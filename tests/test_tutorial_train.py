@@ -99,6 +99,24 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(initial_weights
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6)
 
 
+def test_optimizer_in_backward_trains_and_checkpoints_like_adamw(initial_weights, data20, tmp_path):
+    common = ("--max_steps", "5", "--logger_freq", "1000", "--checkpoint_every_n_steps", "5")
+    assert tutorial_train.main(_args(initial_weights, data20, tmp_path / "adamw", *common)) == 0
+    assert tutorial_train.main(_args(initial_weights, data20, tmp_path / "in_backward", *common,
+                                     "--optimizer_in_backward")) == 0
+
+    a = torch.load(tmp_path / "adamw" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "in_backward" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 5
+    for key, value in _control_weights(tmp_path / "adamw" / "checkpoints" / "last.ckpt").items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6)
+    states_a, states_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert states_a.keys() == states_b.keys() and len(states_a) > 0
+    for index, state in states_a.items():
+        torch.testing.assert_close(states_b[index]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+        assert float(states_b[index]["step"]) == float(state["step"]) == 5
+
+
 def test_overfitting_one_batch_trains_only_the_control_branch(initial_weights):
     model = create_model(TINY_CONFIG)
     load_weights(model, load_state_dict(initial_weights), source=str(initial_weights))
@@ -201,3 +219,14 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     assert any(not torch.equal(ddp_weights[k], initial[k]) for k in initial)  # the step really happened
     worst = max(float((ddp_weights[k] - single_weights[k]).abs().max()) for k in initial)
     assert worst <= 1e-6, f"DDP vs single process: max weight difference {worst:.3g}"
+
+
+def test_dataloader_workers_default_to_none_on_cpu_and_some_per_gpu(monkeypatch):
+    from cldm.training import MAX_GPU_WORKERS, default_num_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_num_workers(on_gpu=False, devices=1) == 0
+    assert default_num_workers(on_gpu=True, devices=1) == MAX_GPU_WORKERS
+    assert default_num_workers(on_gpu=True, devices=8) == 1  # 2 cores per GPU: one for the training process
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert default_num_workers(on_gpu=True, devices=1) == 1
