@@ -12,6 +12,7 @@ The data set is written into a temporary sibling folder and renamed into place w
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import multiprocessing
@@ -26,6 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
+# A run writes into `<out>.tmp-<its pid>` and renames it to `<out>` once complete.
+STAGING_SUFFIX = ".tmp-"
 
 # --------------------------------------------------------------------------------------------
 # Colours
@@ -350,7 +353,8 @@ def generate_fill50k(
     """
     out = Path(out).absolute()
     check_arguments(out, count, size, seed, workers, force)
-    staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    remove_stale_staging(out)
+    staging = out.with_name(f"{out.name}{STAGING_SUFFIX}{os.getpid()}")
     staging.mkdir()
     try:
         (staging / "source").mkdir()
@@ -363,6 +367,33 @@ def generate_fill50k(
         raise
     logger.info("Wrote %d Fill50K pairs of %d px to %s.", count, size, out)
     return out
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete the half-written `<out>.tmp-PID` folders of generator runs that were killed; returns them.
+
+    A folder whose process still runs (another generator writing the same output) is left alone.
+    """
+    removed = []
+    for folder in sorted(out.parent.glob(f"{glob.escape(out.name)}{STAGING_SUFFIX}*")):
+        pid = folder.name[len(out.name) + len(STAGING_SUFFIX):]
+        if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("Removed %s, left behind by an interrupted run.", folder)
+            removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OverflowError:  # beyond the platform's pid range
+        return False
+    return True
 
 
 def _move_into_place(staging: Path, out: Path, force: bool) -> None:

@@ -155,6 +155,17 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fill50k"]
 
 
+def test_staging_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    out = tmp_path / "fill50k"
+    dead = tmp_path / f"fill50k{fill50k.STAGING_SUFFIX}{2**22 + 1}"  # above Linux's largest pid: no such process
+    live = tmp_path / f"fill50k{fill50k.STAGING_SUFFIX}{os.getppid()}"
+    other = tmp_path / f"fill50k-other{fill50k.STAGING_SUFFIX}{2**22 + 1}"
+    for folder in (dead, live, other):
+        (folder / "source").mkdir(parents=True)
+    generate_fill50k(out, 2, SIZE, show_progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["fill50k", live.name, other.name])
+
+
 def test_force_replaces_an_existing_data_set(tmp_path, capsys):
     out = tmp_path / "fill50k"
     generate_fill50k(out, 3, SIZE, seed=1, show_progress=False)
