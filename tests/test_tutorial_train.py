@@ -117,6 +117,25 @@ def test_optimizer_in_backward_trains_and_checkpoints_like_adamw(initial_weights
         assert float(states_b[index]["step"]) == float(state["step"]) == 5
 
 
+def test_leanest_recipe_trains_in_bf16_with_float32_control_weights(initial_weights, data20, tmp_path):
+    root = tmp_path / "lean"
+    argv = _args(initial_weights, data20, root, "--max_steps", "3", "--logger_freq", "2", "--precision", "bf16-mixed",
+                 "--frozen_dtype", "bfloat16", "--optimizer_in_backward")
+    assert tutorial_train.main(argv) == 0
+
+    assert any(name.startswith("samples_cfg_scale_9.00") for name in os.listdir(root / "image_log" / "train"))
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    weights = checkpoint["state_dict"]
+    assert {weights[key].dtype for key in weights if key.startswith("control_model.")} == {torch.float32}
+    assert weights["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.bfloat16
+    initial = load_state_dict(initial_weights)
+    control_keys = [key for key in initial if key.startswith("control_model.")]
+    changed = [key for key in control_keys if not torch.equal(weights[key], initial[key])]
+    assert changed and all(torch.isfinite(weights[key]).all() for key in changed)
+    model = create_model(TINY_CONFIG)
+    load_weights(model, weights, source="last.ckpt")  # strict, whatever the stored dtypes
+
+
 def test_overfitting_one_batch_trains_only_the_control_branch(initial_weights):
     model = create_model(TINY_CONFIG)
     load_weights(model, load_state_dict(initial_weights), source=str(initial_weights))
