@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cldm.performance import (
+    DEFAULT_BUCKET_BYTES,
     AdamWInBackward,
     compile_model,
     make_optimizer,
@@ -176,26 +177,45 @@ def _two_layer_loss(first: torch.nn.Linear, second: torch.nn.Linear, inputs: tor
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_adamw_in_backward_makes_adamws_updates_and_frees_each_gradient(fused):
+@pytest.mark.parametrize("bucket_bytes", [0, DEFAULT_BUCKET_BYTES])  # a bucket per gradient; one bucket for all
+def test_adamw_in_backward_makes_adamws_updates_and_frees_the_gradients(fused, bucket_bytes):
     torch.manual_seed(3)
     layers = [torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)]
     reference = copy.deepcopy(layers)
     inputs = torch.randn(5, 8)
-    in_backward = AdamWInBackward([p for layer in layers for p in layer.parameters()], lr=1e-2, fused=fused)
+    params = [p for layer in layers for p in layer.parameters()]
+    in_backward = AdamWInBackward(params, lr=1e-2, fused=fused, bucket_bytes=bucket_bytes)
     adamw = make_optimizer([p for layer in reference for p in layer.parameters()], lr=1e-2, fused=fused)
     for _ in range(3):
         in_backward.zero_grad()
-        loss = in_backward.step(lambda: _two_layer_loss(*layers, inputs).backward())
+        in_backward.step(lambda: _two_layer_loss(*layers, inputs).backward())
         adamw.zero_grad()
         adamw.step(lambda: _two_layer_loss(*reference, inputs).backward())
-        assert loss is None and all(p.grad is None for layer in layers for p in layer.parameters())
+        assert all(p.grad is None for p in params)
     for actual, expected in zip(layers, reference, strict=True):
         torch.testing.assert_close(actual.state_dict(), expected.state_dict(), rtol=0.0, atol=1e-6)
     # The same state as AdamW's: checkpoints resume with either optimizer.
     adamw.load_state_dict(in_backward.state_dict())
+
+
+def test_adamw_in_backward_updates_during_backward_bucket_by_bucket():
+    layers = [torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)]
+    params = [p for layer in layers for p in layer.parameters()]
+    largest = max(p.numel() * p.element_size() for p in params)
+    in_backward = AdamWInBackward(params, lr=1e-2, bucket_bytes=largest)
+    grads_alive = []
+    for param in params:  # registered after the optimizer's hooks: sees what is left once they ran
+        param.register_post_accumulate_grad_hook(lambda _: grads_alive.append(sum(p.grad is not None for p in params)))
+    before = [p.detach().clone() for p in params]
+    _two_layer_loss(*layers, torch.randn(5, 8)).backward()  # no step(): the updates happen here
+    assert max(grads_alive) < len(params)
+    assert sum(not torch.equal(p, b) for p, b in zip(params, before, strict=True)) >= 1
+    in_backward.step()  # the partly filled last bucket
+    assert all(p.grad is None for p in params)
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
     in_backward.remove_hooks()
-    _two_layer_loss(*layers, inputs).backward()
-    assert all(p.grad is not None for layer in layers for p in layer.parameters())
+    _two_layer_loss(*layers, torch.randn(5, 8)).backward()
+    assert all(p.grad is not None for p in params)
 
 
 def test_adamw_in_backward_needs_parameters_that_require_grad():
