@@ -36,15 +36,7 @@ def random_control_net(params: dict[str, Any], seed: int = 0) -> ControlNet:
     """A ControlNet whose every weight is random, zero convs included (so a wrong mapping cannot hide)."""
     with torch.device("meta"):
         net = ControlNet(**params)
-    net = net.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if param.ndim >= 2:  # conv / linear: variance-preserving
-                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-            else:  # norm scales around 1, biases around 0
-                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=generator)
-    return net.eval()
+    return randomize_(net.to_empty(device="cpu"), seed).eval()
 
 
 def model_without_zero_layers(config_path: str | Path) -> nn.Module:
