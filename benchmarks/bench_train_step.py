@@ -106,13 +106,7 @@ class Job:
 def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tensor], dict[str, Any]]:
     """Our ControlLDM with the job's speed options, its optimizer and a closure running one training step."""
     from cldm.model import create_model
-    from cldm.performance import (
-        AdamWInBackward,
-        compile_model,
-        make_optimizer,
-        store_frozen_weights_in,
-        use_channels_last,
-    )
+    from cldm.performance import AdamWInBackward, apply_speed_options, make_optimizer
     from ldm.modules.attention import set_attention_backend
     from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 
@@ -120,13 +114,9 @@ def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tenso
     model.sd_locked = True
     set_gradient_checkpointing(model, job.checkpointing)
     set_attention_backend(model, job.attention)
-    if job.frozen_dtype != "fp32":
-        store_frozen_weights_in(model, DTYPES[job.frozen_dtype])
+    apply_speed_options(model, frozen_dtype=DTYPES[job.frozen_dtype], channels_last=job.channels_last,
+                        compile=job.compile)
     model.to(device).train()
-    if job.channels_last:
-        use_channels_last(model)
-    if job.compile:
-        compile_model(model)
     if job.adamw == "in-backward":
         optimizer = AdamWInBackward(model.trainable_parameters(), LEARNING_RATE)
     else:

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 # (GroupNorm32 feeds them float32), while a half input with float32 weights is supported everywhere.
 HALF_STORABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
 FROZEN_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Gradients gathered before AdamWInBackward updates them in one call (one fused call per parameter costs ~1 ms on a CPU).
+# Gradients gathered before AdamWInBackward updates them in one call (a fused call per parameter costs ~1 ms on
+# a CPU).
 DEFAULT_BUCKET_BYTES = 64 * 2**20
 # Device types with a fused AdamW kernel in PyTorch >= 2.4.
 FUSED_ADAMW_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
@@ -86,6 +87,19 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str = "ind
     """
     model.model.diffusion_model.compile(mode=mode, backend=backend)
     model.control_model.compile(mode=mode, backend=backend)
+    return model
+
+
+def apply_speed_options(model: nn.Module, frozen_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                        compile: bool = False) -> nn.Module:
+    """Apply the opt-in settings above to a ControlLDM whose `sd_locked` is set, in the order they need: frozen
+    storage first (it picks layers by `requires_grad`), then memory format, then compilation of the result."""
+    if frozen_dtype != torch.float32:
+        store_frozen_weights_in(model, frozen_dtype)
+    if channels_last:
+        use_channels_last(model)
+    if compile:
+        compile_model(model)
     return model
 
 

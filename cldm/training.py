@@ -28,7 +28,7 @@ from cldm.cli import EXIT_INTERRUPTED
 from cldm.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
-from cldm.performance import compile_model, store_frozen_weights_in, use_channels_last
+from cldm.performance import apply_speed_options
 
 logger = logging.getLogger(__name__)
 
@@ -276,13 +276,8 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
-    if args.frozen_dtype != "float32":
-        store_frozen_weights_in(model, getattr(torch, args.frozen_dtype))
-    if args.channels_last:
-        use_channels_last(model)
-    if args.compile:
-        compile_model(model)
-    return model
+    return apply_speed_options(model, frozen_dtype=getattr(torch, args.frozen_dtype), channels_last=args.channels_last,
+                               compile=args.compile)
 
 
 def check_dataset(root: str, resolution: int | None) -> None:
