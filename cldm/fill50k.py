@@ -369,19 +369,16 @@ def generate_fill50k(
     return out
 
 
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Delete the half-written `<out>.tmp-PID` folders of generator runs that were killed; returns them.
+def remove_stale_staging(out: Path) -> None:
+    """Delete the half-written `<out>.tmp-PID` folders of generator runs that were killed.
 
     A folder whose process still runs (another generator writing the same output) is left alone.
     """
-    removed = []
     for folder in sorted(out.parent.glob(f"{glob.escape(out.name)}{STAGING_SUFFIX}*")):
         pid = folder.name[len(out.name) + len(STAGING_SUFFIX):]
         if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             logger.info("Removed %s, left behind by an interrupted run.", folder)
-            removed.append(folder)
-    return removed
 
 
 def _process_exists(pid: int) -> bool:
