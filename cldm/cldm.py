@@ -16,7 +16,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     build_encoder,
     set_gradient_checkpointing,
 )
-from cldm.performance import AdamWInBackward, make_optimizer
+from cldm.performance import AdamWInBackward, make_optimizer, recomputed_weight_casts
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
@@ -152,6 +152,7 @@ class ControlNet(nn.Module):
         self.input_hint_block = _hint_encoder(dims, hint_channels, model_channels)
         self.middle_block = encoder.middle_block
         self.middle_block_out = _zero_conv(dims, encoder.skip_channels[-1])
+        set_gradient_checkpointing(self, use_checkpoint)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn activation checkpointing on or off in every block."""
@@ -270,14 +271,20 @@ class ControlLDM(LatentDiffusion):
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any], *args, **kwargs):
         """Noise prediction of the locked UNet plus the scaled ControlNet residuals (plain UNet without a hint)."""
         if not isinstance(cond, Mapping):
-            raise TypeError(f"ControlLDM.apply_model needs a dict with c_crossattn and c_concat, got {type(cond).__name__}")
+            raise TypeError(
+                f"ControlLDM.apply_model needs a dict with c_crossattn and c_concat, got {type(cond).__name__}"
+            )
         unet = self.model.diffusion_model
         context = torch.cat(cond["c_crossattn"], dim=1)
         if cond["c_concat"] is None:
             return unet(x=x_noisy, timesteps=t, context=context, control=None, only_mid_control=self.only_mid_control)
-        control = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], dim=1), timesteps=t, context=context)
-        control = [residual * scale for residual, scale in zip(control, self.control_scales)]
-        return unet(x=x_noisy, timesteps=t, context=context, control=control, only_mid_control=self.only_mid_control)
+        # Under autocast, backward recasts the trainable weights rather than keeping their half-precision copies.
+        with recomputed_weight_casts():
+            control = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], dim=1), timesteps=t,
+                                         context=context)
+            control = [residual * scale for residual, scale in zip(control, self.control_scales)]
+            return unet(x=x_noisy, timesteps=t, context=context, control=control,
+                        only_mid_control=self.only_mid_control)
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, N: int):

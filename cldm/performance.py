@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,6 +74,62 @@ def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
                 stored += sum(p.numel() for p in layer.parameters(recurse=False))
     logger.info("Stored %.1f M frozen parameters in %s", stored / 1e6, dtype)
     return stored
+
+
+# ---------------------------------------------------------------------------------------------
+# Half-precision copies of trainable weights
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WeightCast:
+    """What `recomputed_weight_casts` saves instead of a weight's half-precision cast (or the cast's transpose)."""
+
+    weight: torch.Tensor
+    dtype: torch.dtype
+    transposed: bool
+    version: int
+
+
+def _pack_weight_cast(tensor: torch.Tensor) -> torch.Tensor | _WeightCast:
+    # A cast of a trainable leaf (`weight.to(dtype)`, as autocast makes) has a ToCopyBackward0 node whose only
+    # input is the leaf's AccumulateGrad node; linear layers save its transpose (TBackward0 on top). Same shape,
+    # strides and device means the saved tensor is exactly `weight.to(dtype)`, or its `.t()`.
+    node, transposed = tensor.grad_fn, False
+    if node is not None and node.name() == "TBackward0":
+        node, transposed = node.next_functions[0][0], True
+    if node is None or node.name() != "ToCopyBackward0":
+        return tensor
+    weight = getattr(node.next_functions[0][0], "variable", None)
+    if weight is None or weight.dtype == tensor.dtype or weight.device != tensor.device:
+        return tensor
+    layout = weight.t() if transposed else weight
+    if tensor.shape != layout.shape or tensor.stride() != layout.stride():
+        return tensor
+    return _WeightCast(weight, tensor.dtype, transposed, weight._version)
+
+
+def _unpack_weight_cast(packed: torch.Tensor | _WeightCast) -> torch.Tensor:
+    if not isinstance(packed, _WeightCast):
+        return packed
+    if packed.weight._version != packed.version:
+        raise RuntimeError(
+            "a trainable weight changed between the forward pass and its use in backward, so its half-precision "
+            "cast cannot be recomputed; run the forward pass outside recomputed_weight_casts()"
+        )
+    cast = packed.weight.to(packed.dtype)
+    return cast.t() if packed.transposed else cast
+
+
+def recomputed_weight_casts() -> torch.autograd.graph.saved_tensors_hooks:
+    """Context manager for a forward pass under autocast: backward recasts trainable weights instead of keeping casts.
+
+    Autocast runs a float32 weight's conv/linear in half precision by casting the weight, and autograd keeps that
+    cast for backward (for the gradient of the input): a second, half-precision copy of every trainable weight
+    outside checkpointed blocks, 0.67 GiB for the SD1.5 ControlNet. Under these hooks autograd keeps a reference
+    to the float32 weight and recasts it when backward needs it; the cast is exact, so gradients are unchanged.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_pack_weight_cast, _unpack_weight_cast)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Each speed path gives the loss and ControlNet gradients of eager float32 training, on the tiny config."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from cldm.performance import (
     AdamWInBackward,
     compile_model,
     make_optimizer,
+    recomputed_weight_casts,
     store_frozen_weights_in,
     use_channels_last,
 )
@@ -262,3 +264,47 @@ def test_the_unet_decoder_cannot_be_unlocked_once_stored_in_half_precision(tiny_
     with pytest.raises(ValueError, match="cannot unlock the UNet decoder.*bfloat16"):
         model.sd_locked = False
     assert model.sd_locked and not any(p.requires_grad for p in model.model.diffusion_model.parameters())
+
+
+def _controlnet_gradients(tiny_model, batch, hooks):
+    """ControlNet gradients of a bf16-autocast forward through the ControlNet alone, under `hooks`."""
+    control = tiny_model.control_model
+    control.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        context = tiny_model.get_learned_conditioning(batch["txt"])
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), hooks:
+        residuals = control(x=batch["noise"], hint=batch["hint"].permute(0, 3, 1, 2), timesteps=batch["t"],
+                            context=context)
+    sum(residual.float().square().mean() for residual in residuals).backward()
+    return {name: p.grad.clone() for name, p in control.named_parameters()}
+
+
+def test_recomputed_weight_casts_give_the_same_gradients(tiny_model, batch):
+    kept = _controlnet_gradients(tiny_model, batch, contextlib.nullcontext())
+    recomputed = _controlnet_gradients(tiny_model, batch, recomputed_weight_casts())
+    assert kept.keys() == recomputed.keys()
+    for name, grad in recomputed.items():
+        torch.testing.assert_close(grad, kept[name], rtol=0.0, atol=0.0, msg=name)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (torch.nn.Conv2d(8, 16, 3, padding=1), (2, 8, 5, 5)),
+    (torch.nn.Linear(8, 16), (2, 8)),  # addmm keeps weight.t()
+    (torch.nn.Linear(8, 16), (2, 3, 8)),  # matmul on a 3-D input
+])
+def test_weight_casts_are_recomputed_from_the_float32_weight(layer, shape):
+    """Backward recasts the weight instead of using a kept copy: a weight changed after forward is caught."""
+    x = torch.randn(shape, requires_grad=True)  # the input's gradient is what needs the weight
+    for hooks, recomputed in ((contextlib.nullcontext(), False), (recomputed_weight_casts(), True)):
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), hooks:
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        if recomputed:
+            with pytest.raises(RuntimeError, match="changed between the forward pass and its use in backward"):
+                out.float().sum().backward()
+        else:
+            out.float().sum().backward()  # the kept bf16 copy does not see the change
+            assert layer.weight.grad is not None
