@@ -118,11 +118,15 @@ def test_controlnet_encoder_is_a_trainable_copy_of_the_unet_encoder():
         assert_close(residual, activation, rtol=1e-5, atol=1e-6)
 
 
-def test_controlnet_gradient_checkpointing_switch():
-    control = ControlNet(**{**TINY_CONTROL, "use_checkpoint": False})
-    control.set_gradient_checkpointing(True)
-    assert all(m.use_checkpoint for m in control.modules() if isinstance(m, ResBlock))
-    assert all(m.checkpoint for m in control.modules() if isinstance(m, BasicTransformerBlock))
+@pytest.mark.parametrize("from_config", [True, False])
+def test_controlnet_checkpoints_every_block_but_the_middle_one(from_config):
+    control = ControlNet(**{**TINY_CONTROL, "use_checkpoint": from_config})
+    if not from_config:
+        control.set_gradient_checkpointing(True)
+    for name, layer in control.named_modules():
+        flag = layer.use_checkpoint if isinstance(layer, ResBlock) else getattr(layer, "checkpoint", None)
+        if isinstance(layer, (ResBlock, BasicTransformerBlock)):
+            assert flag == (not name.startswith("middle_block.")), name
 
 
 # ---------------------------------------------------------------------------------------------

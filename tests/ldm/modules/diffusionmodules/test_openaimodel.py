@@ -141,13 +141,24 @@ def test_checkpointing_changes_memory_not_results():
         assert_close(grad, results[False][1][name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_set_gradient_checkpointing_reaches_every_block():
-    unet = UNetModel(**{**TINY_UNET, "use_checkpoint": False})
-    for enabled in (True, False):
-        unet.set_gradient_checkpointing(enabled)
-        flags = [m.use_checkpoint for m in unet.modules() if isinstance(m, ResBlock)]
-        flags += [m.checkpoint for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-        assert flags == [enabled] * (8 + 7)  # ResBlocks: 2 encoder, 2 middle, 4 decoder; transformers: 2, 1, 4
+def _checkpoint_flags(module):
+    flags = {name: m.use_checkpoint for name, m in module.named_modules() if isinstance(m, ResBlock)}
+    flags.update({name: m.checkpoint for name, m in module.named_modules() if isinstance(m, BasicTransformerBlock)})
+    return flags
+
+
+@pytest.mark.parametrize("use_checkpoint", [True, False])
+def test_checkpointing_reaches_every_block_but_the_middle_one(use_checkpoint):
+    unet = UNetModel(**{**TINY_UNET, "use_checkpoint": use_checkpoint})
+    for enabled in (use_checkpoint, not use_checkpoint):
+        if enabled != use_checkpoint:
+            unet.set_gradient_checkpointing(enabled)
+        flags = _checkpoint_flags(unet)
+        assert len(flags) == 8 + 7  # ResBlocks: 2 encoder, 2 middle, 4 decoder; transformers: 2, 1, 4
+        middle = {name for name in flags if name.startswith("middle_block.")}
+        assert len(middle) == 3
+        assert all(flags[name] == enabled for name in flags.keys() - middle)
+        assert not any(flags[name] for name in middle), "the lowest-resolution middle block is never recomputed"
 
 
 def test_attention_backends_agree_in_the_unet():
