@@ -55,15 +55,18 @@ class NonFiniteLossError(ValueError):
     """Training produced a NaN or infinite loss (or gradients)."""
 
 
-def _gradients_are_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient of the optimizer's parameters is finite (one device sync, not one per tensor)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of `tensors` is finite (one device sync, not one per tensor)."""
+    return not tensors or bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
 
 
 class NonFiniteLossGuard(Callback):
     """Stops training (or skips the step) when the loss or the gradients are NaN or infinite, before the optimizer
     step, so the weights and the checkpoints on disk stay finite. All ranks take the same decision.
+
+    Loss and gradients are checked together right before the optimizer step, one host sync per step, once every
+    kernel of the backward pass is queued. A model whose optimizer updates during backward
+    (`optimizer_in_backward`) has its loss checked before backward instead.
 
     Args:
         checkpoint_dir: where the run's checkpoints are, to name the last good one in the message.
@@ -75,7 +78,7 @@ class NonFiniteLossGuard(Callback):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.skip = skip
         self.skipped = 0
-        self._pending_skip: str | None = None
+        self._loss: torch.Tensor | None = None
 
     def _stop_message(self, problem: str, step: int) -> str:
         last = self.checkpoint_dir / "last.ckpt"
@@ -85,27 +88,28 @@ class NonFiniteLossGuard(Callback):
                 f"--precision 32, or pass --skip_nonfinite to skip such steps")
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss).all()), all=True):
-            return
-        if not self.skip:
+        if not getattr(pl_module, "optimizer_in_backward", False):
+            self._loss = loss.detach()  # checked with the gradients
+        elif not trainer.strategy.reduce_boolean_decision(_all_finite([loss.detach()]), all=True):
             raise NonFiniteLossError(self._stop_message(f"the loss became {loss.item()}", trainer.global_step))
-        self._pending_skip = f"loss {loss.item()}"
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        reason, self._pending_skip = self._pending_skip, None
-        if reason is None:
-            # With 16-mixed the GradScaler skips steps with infinite gradients (and lowers its scale) by itself.
-            if getattr(trainer.precision_plugin, "scaler", None) is not None:
-                return
-            if trainer.strategy.reduce_boolean_decision(_gradients_are_finite(optimizer), all=True):
-                return
-            if not self.skip:
-                raise NonFiniteLossError(self._stop_message("the gradients became non-finite", trainer.global_step))
-            reason = "non-finite gradients"
+        loss, self._loss = self._loss, None
+        checked = [loss] if loss is not None else []
+        # With 16-mixed the GradScaler skips steps with infinite gradients (and lowers its scale) by itself.
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            checked += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if trainer.strategy.reduce_boolean_decision(_all_finite(checked), all=True):
+            return
+        loss_is_finite = loss is None or bool(torch.isfinite(loss).all())
+        if not self.skip:
+            problem = "the gradients became non-finite" if loss_is_finite else f"the loss became {loss.item()}"
+            raise NonFiniteLossError(self._stop_message(problem, trainer.global_step))
         optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
         self.skipped += 1
         if trainer.is_global_zero:
+            reason = "non-finite gradients" if loss_is_finite else f"loss {loss.item()}"
             logger.warning("step %d skipped (%s); %d skipped so far", trainer.global_step, reason, self.skipped)
 
 

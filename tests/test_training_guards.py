@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import tool_export_diffusers
 import tool_extract_control
 import tutorial_train
+from cldm.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from cldm.checkpoint_io import read_checkpoint
 from cldm.cli import run
 
@@ -142,3 +144,21 @@ def test_training_checkpoints_convert_and_export(setup, never_logged, tmp_path) 
     exported = tmp_path / "controlnet-diffusers"
     assert run(tool_export_diffusers.main, [str(last), str(exported), "--config", str(TINY_CONFIG)]) == 0
     assert sorted(path.name for path in exported.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize("optimizer_in_backward", [True, False])
+def test_the_loss_is_checked_before_backward_only_when_backward_updates_the_weights(tmp_path, optimizer_in_backward):
+    """With the optimizer in backward a NaN loss must stop before backward; otherwise one check before the step
+    covers loss and gradients (one host sync per step)."""
+    guard = NonFiniteLossGuard(tmp_path)
+    trainer = SimpleNamespace(global_step=4, precision_plugin=None,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
+    module = SimpleNamespace(optimizer_in_backward=optimizer_in_backward)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    if optimizer_in_backward:
+        with pytest.raises(NonFiniteLossError, match="the loss became nan at step 4"):
+            guard.on_before_backward(trainer, module, torch.tensor(float("nan")))
+        return
+    guard.on_before_backward(trainer, module, torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError, match="the loss became nan at step 4"):
+        guard.on_before_optimizer_step(trainer, module, optimizer)
