@@ -1,6 +1,7 @@
 """ControlNet: a trainable copy of the UNet encoder whose zero-initialised taps steer a locked UNet."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -279,7 +280,8 @@ class ControlLDM(LatentDiffusion):
         if cond["c_concat"] is None:
             return unet(x=x_noisy, timesteps=t, context=context, control=None, only_mid_control=self.only_mid_control)
         # Under autocast, backward recasts the trainable weights rather than keeping their half-precision copies.
-        with recomputed_weight_casts():
+        casting = torch.is_autocast_enabled(x_noisy.device.type) and torch.is_grad_enabled()
+        with recomputed_weight_casts() if casting else contextlib.nullcontext():
             control = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], dim=1), timesteps=t,
                                          context=context)
             control = [residual * scale for residual, scale in zip(control, self.control_scales)]
