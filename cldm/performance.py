@@ -1,6 +1,8 @@
-"""Opt-in speed and memory settings for ControlLDM training: memory format, frozen-weight storage, compilation, AdamW.
+"""Speed and memory settings for ControlLDM training: memory format, frozen-weight storage, weight casts under
+autocast, compilation, AdamW.
 
-Each function changes one thing, explicitly, on a model the caller built; none is applied by default.
+Each function changes one thing, explicitly, on a model the caller built. All are opt-in but
+`recomputed_weight_casts`, which ControlLDM uses under autocast (it changes memory, not results).
 """
 from __future__ import annotations
 
