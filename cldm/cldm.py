@@ -156,7 +156,7 @@ class ControlNet(nn.Module):
         set_gradient_checkpointing(self, use_checkpoint)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Turn activation checkpointing on or off in every block."""
+        """Turn activation checkpointing on or off in every block but the middle one (UNCHECKPOINTED_BLOCKS)."""
         set_gradient_checkpointing(self, enabled)
 
     def forward(

@@ -117,7 +117,7 @@ def _unpack_weight_cast(packed: torch.Tensor | _WeightCast) -> torch.Tensor:
     if packed.weight._version != packed.version:
         raise RuntimeError(
             "a trainable weight changed between the forward pass and its use in backward, so its half-precision "
-            "cast cannot be recomputed; run the forward pass outside recomputed_weight_casts()"
+            "cast cannot be recomputed; change weights only after backward (in the optimizer step), not in between"
         )
     cast = packed.weight.to(packed.dtype)
     return cast.t() if packed.transposed else cast

@@ -124,9 +124,10 @@ def test_controlnet_checkpoints_every_block_but_the_middle_one(from_config):
     if not from_config:
         control.set_gradient_checkpointing(True)
     for name, layer in control.named_modules():
-        flag = layer.use_checkpoint if isinstance(layer, ResBlock) else getattr(layer, "checkpoint", None)
-        if isinstance(layer, (ResBlock, BasicTransformerBlock)):
-            assert flag == (not name.startswith("middle_block.")), name
+        if isinstance(layer, ResBlock):
+            assert layer.use_checkpoint == (not name.startswith("middle_block.")), name
+        elif isinstance(layer, BasicTransformerBlock):
+            assert layer.checkpoint == (not name.startswith("middle_block.")), name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -436,7 +436,7 @@ def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
     """Turn activation checkpointing on or off in every ResBlock, AttentionBlock and transformer block outside
     the UNCHECKPOINTED_BLOCKS."""
     for name, layer in module.named_modules():
-        checkpointed = enabled and not set(name.split(".")) & set(UNCHECKPOINTED_BLOCKS)
+        checkpointed = enabled and not any(part in UNCHECKPOINTED_BLOCKS for part in name.split("."))
         if isinstance(layer, (ResBlock, AttentionBlock)):
             layer.use_checkpoint = checkpointed
         elif isinstance(layer, BasicTransformerBlock):
@@ -535,7 +535,7 @@ class UNetModel(nn.Module):
         set_gradient_checkpointing(self, use_checkpoint)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Turn activation checkpointing on or off in every block."""
+        """Turn activation checkpointing on or off in every block but the middle one (UNCHECKPOINTED_BLOCKS)."""
         set_gradient_checkpointing(self, enabled)
 
     def forward(
