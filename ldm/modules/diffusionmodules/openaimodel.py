@@ -151,13 +151,17 @@ class ResBlock(TimestepBlock):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, kernel_size, padding=padding)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+        # The last conv and the skip path run outside the checkpoint: recomputing them in backward would only
+        # reproduce the block's output, which nothing inside the block needs. The price is keeping the last
+        # conv's input, one activation per block.
+        h = checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+        return self.skip_connection(self.x_upd(x)) + self.out_layers[-1](h)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The block's residual branch up to its last conv: norm, SiLU, conv, timestep, norm, SiLU, dropout."""
         # 1. input layers, resampling between the activation and the conv in the up/down variant
         if self.updown:
             h = self.in_layers[-1](self.h_upd(self.in_layers[:-1](x)))
-            x = self.x_upd(x)
         else:
             h = self.in_layers(x)  # (B, C_out, H, W)
         # 2. timestep conditioning, broadcast over the spatial dims
@@ -165,11 +169,8 @@ class ResBlock(TimestepBlock):
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - emb_out.ndim)))  # (B, C_out, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
-        else:
-            h = self.out_layers(h + emb_out)
-        # 3. residual
-        return self.skip_connection(x) + h
+            return self.out_layers[1:-1](self.out_layers[0](h) * (1 + scale) + shift)
+        return self.out_layers[:-1](h + emb_out)
 
 
 class QKVAttention(nn.Module):

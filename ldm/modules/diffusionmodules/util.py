@@ -1,12 +1,14 @@
 """Building blocks shared by the UNet and the ControlNet: schedules, embeddings, layers, checkpointing."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 # ---------------------------------------------------------------------------------------------
@@ -126,15 +128,35 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+# Attention kernels whose outputs checkpointing keeps instead of recomputing: per query they cost a pass over
+# every key (at 512 px, 4096 x 4096 scores per head at the first level), yet their output is one activation
+# the size of the query.
+ATTENTION_KERNELS = frozenset({
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+})
+
+
+def _keep_attention_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def checkpoint(func: Callable, inputs: Sequence, params: Iterable[nn.Parameter], flag: bool):
     """Run `func(*inputs)`, recomputing activations in backward when `flag` is set.
 
     Non-reentrant `torch.utils.checkpoint`: results and gradients equal a plain call, frozen
-    parameters are fine, and autocast state is restored on recomputation. `params` is accepted
+    parameters are fine, and autocast state is restored on recomputation. The outputs of fused
+    attention kernels (ATTENTION_KERNELS) are kept rather than recomputed. `params` is accepted
     for the original's signature; the non-reentrant variant finds parameters itself.
     """
     if flag and torch.is_grad_enabled():
-        return _torch_checkpoint(func, *inputs, use_reentrant=False)
+        keep_attention = functools.partial(create_selective_checkpoint_contexts, _keep_attention_outputs)
+        # respect_saved_tensors_hooks: the kept outputs go through surrounding saved-tensor hooks too (as
+        # cldm.performance.recomputed_weight_casts), like every other tensor saved for backward.
+        return _torch_checkpoint(func, *inputs, use_reentrant=False, context_fn=keep_attention,
+                                 respect_saved_tensors_hooks=True)
     return func(*inputs)
 
 

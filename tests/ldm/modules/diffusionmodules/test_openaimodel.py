@@ -141,6 +141,32 @@ def test_checkpointing_changes_memory_not_results():
         assert_close(grad, results[False][1][name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(out_channels=64, down=True), dict(use_scale_shift_norm=True)])
+def test_resblock_checkpoint_recomputes_all_but_the_last_conv_and_the_skip_path(variant):
+    block = randomize_(ResBlock(32, 12, dropout=0.0, use_checkpoint=True, **variant))
+    generator = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 32, 8, 8, generator=generator), torch.randn(2, 12, generator=generator)
+    results = {}
+    for enabled in (True, False):
+        block.use_checkpoint = enabled
+        block.zero_grad(set_to_none=True)
+        calls = {"first conv": 0, "last conv": 0, "skip": 0}
+        hooks = [
+            module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+            for name, module in (("first conv", block.in_layers[-1]), ("last conv", block.out_layers[-1]),
+                                 ("skip", block.skip_connection))
+        ]
+        out = block(x, emb)
+        out.square().mean().backward()
+        for hook in hooks:
+            hook.remove()
+        results[enabled] = out.detach(), {name: p.grad for name, p in block.named_parameters()}
+        assert calls == {"first conv": 2 if enabled else 1, "last conv": 1, "skip": 1}
+    assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    for name, grad in results[True][1].items():
+        assert_close(grad, results[False][1][name], rtol=0, atol=0, msg=name)
+
+
 def _checkpoint_flags(module):
     flags = {name: m.use_checkpoint for name, m in module.named_modules() if isinstance(m, ResBlock)}
     flags.update({name: m.checkpoint for name, m in module.named_modules() if isinstance(m, BasicTransformerBlock)})

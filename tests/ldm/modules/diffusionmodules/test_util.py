@@ -1,0 +1,44 @@
+"""Gradient checkpointing: attention kernel outputs are kept, everything else is recomputed."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ldm.modules.diffusionmodules.util import ATTENTION_KERNELS, checkpoint
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_layer(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    q, k, v = (x @ weight).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, C)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_checkpoint_keeps_attention_outputs_and_recomputes_the_rest():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 32, generator=generator)
+    weight = torch.randn(32, 48, generator=generator, requires_grad=True)
+    results = {}
+    for flag in (True, False):
+        weight.grad = None
+        with _OpCounter() as counter:
+            out = checkpoint(_attention_layer, (x, weight), [weight], flag)
+            out.square().sum().backward()
+        attention = [op for op in counter.calls if op in ATTENTION_KERNELS]
+        projections = [op for op in counter.calls if op.name() in ("aten::mm", "aten::bmm")]
+        results[flag] = out.detach(), weight.grad.clone(), len(attention), len(projections)
+    out, grad, attention_calls, projection_calls = results[True]
+    assert attention_calls == results[False][2] == 1, "the fused attention kernel runs once, also when checkpointed"
+    assert projection_calls > results[False][3], "the rest of the function is recomputed in backward"
+    assert_close(out, results[False][0], rtol=0, atol=0)
+    assert_close(grad, results[False][1], rtol=0, atol=0)
