@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -143,6 +144,14 @@ def _keep_attention_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# Newer torch releases can route the tensors a policy keeps through surrounding saved-tensor hooks (such as
+# cldm.performance.recomputed_weight_casts), like every other tensor saved for backward, and warn until asked to
+# choose; older ones always bypass the hooks, which is harmless for kept attention outputs.
+_CHECKPOINT_OPTIONS = {"use_reentrant": False}
+if "respect_saved_tensors_hooks" in inspect.signature(_torch_checkpoint).parameters:
+    _CHECKPOINT_OPTIONS["respect_saved_tensors_hooks"] = True
+
+
 def checkpoint(func: Callable, inputs: Sequence, params: Iterable[nn.Parameter], flag: bool):
     """Run `func(*inputs)`, recomputing activations in backward when `flag` is set.
 
@@ -153,10 +162,7 @@ def checkpoint(func: Callable, inputs: Sequence, params: Iterable[nn.Parameter],
     """
     if flag and torch.is_grad_enabled():
         keep_attention = functools.partial(create_selective_checkpoint_contexts, _keep_attention_outputs)
-        # respect_saved_tensors_hooks: the kept outputs go through surrounding saved-tensor hooks too (as
-        # cldm.performance.recomputed_weight_casts), like every other tensor saved for backward.
-        return _torch_checkpoint(func, *inputs, use_reentrant=False, context_fn=keep_attention,
-                                 respect_saved_tensors_hooks=True)
+        return _torch_checkpoint(func, *inputs, context_fn=keep_attention, **_CHECKPOINT_OPTIONS)
     return func(*inputs)
 
 

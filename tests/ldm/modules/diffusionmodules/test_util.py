@@ -1,6 +1,8 @@
 """Gradient checkpointing: attention kernel outputs are kept, everything else is recomputed."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
@@ -42,3 +44,19 @@ def test_checkpoint_keeps_attention_outputs_and_recomputes_the_rest():
     assert projection_calls > results[False][3], "the rest of the function is recomputed in backward"
     assert_close(out, results[False][0], rtol=0, atol=0)
     assert_close(grad, results[False][1], rtol=0, atol=0)
+
+
+def test_checkpoint_under_saved_tensor_hooks_gives_the_same_gradients_without_warnings():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 32, generator=generator)
+    weight = torch.randn(32, 48, generator=generator, requires_grad=True)
+    checkpoint(_attention_layer, (x, weight), [weight], False).square().sum().backward()
+    expected, weight.grad = weight.grad, None
+    packed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            out = checkpoint(_attention_layer, (x, weight), [weight], True)
+        out.square().sum().backward()
+    assert packed, "tensors saved for backward pass through the surrounding hooks"
+    assert_close(weight.grad, expected, rtol=0, atol=0)
