@@ -147,7 +147,10 @@ def _keep_attention_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 # Newer torch releases can route the tensors a policy keeps through surrounding saved-tensor hooks (such as
 # cldm.performance.recomputed_weight_casts), like every other tensor saved for backward, and warn until asked to
 # choose; older ones always bypass the hooks, which is harmless for kept attention outputs.
-_CHECKPOINT_OPTIONS = {"use_reentrant": False}
+_CHECKPOINT_OPTIONS = {
+    "use_reentrant": False,
+    "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_attention_outputs),
+}
 if "respect_saved_tensors_hooks" in inspect.signature(_torch_checkpoint).parameters:
     _CHECKPOINT_OPTIONS["respect_saved_tensors_hooks"] = True
 
@@ -161,8 +164,7 @@ def checkpoint(func: Callable, inputs: Sequence, params: Iterable[nn.Parameter],
     for the original's signature; the non-reentrant variant finds parameters itself.
     """
     if flag and torch.is_grad_enabled():
-        keep_attention = functools.partial(create_selective_checkpoint_contexts, _keep_attention_outputs)
-        return _torch_checkpoint(func, *inputs, context_fn=keep_attention, **_CHECKPOINT_OPTIONS)
+        return _torch_checkpoint(func, *inputs, **_CHECKPOINT_OPTIONS)
     return func(*inputs)
 
 

@@ -26,10 +26,15 @@ def _attention_layer(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
-def test_checkpoint_keeps_attention_outputs_and_recomputes_the_rest():
-    generator = torch.Generator().manual_seed(0)
+def _inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B, T, C) and a trainable q|k|v projection for _attention_layer."""
+    generator = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 16, 32, generator=generator)
-    weight = torch.randn(32, 48, generator=generator, requires_grad=True)
+    return x, torch.randn(32, 48, generator=generator, requires_grad=True)
+
+
+def test_checkpoint_keeps_attention_outputs_and_recomputes_the_rest():
+    x, weight = _inputs(seed=0)
     results = {}
     for flag in (True, False):
         weight.grad = None
@@ -47,9 +52,7 @@ def test_checkpoint_keeps_attention_outputs_and_recomputes_the_rest():
 
 
 def test_checkpoint_under_saved_tensor_hooks_gives_the_same_gradients_without_warnings():
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 16, 32, generator=generator)
-    weight = torch.randn(32, 48, generator=generator, requires_grad=True)
+    x, weight = _inputs(seed=1)
     checkpoint(_attention_layer, (x, weight), [weight], False).square().sum().backward()
     expected, weight.grad = weight.grad, None
     packed = []
