@@ -355,7 +355,10 @@ def measure(job: Job) -> dict[str, Any]:
         times.append(time.perf_counter() - started)
     peak = peak_memory_bytes(device)
     flops = count_flops(step) if job.count_flops and not job.compile else None
-    return {"times": times, "peak_bytes": peak, "flops": flops, "loss": float(loss.detach()), "sizes": sizes}
+    result = {"times": times, "peak_bytes": peak, "flops": flops, "loss": float(loss.detach()), "sizes": sizes}
+    if device.type == "cuda":  # what the caching allocator held at most (nvidia-smi's view, less the context)
+        result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +366,10 @@ def measure(job: Job) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a square matmul of `size` in `dtype` on `device` (the achievable peak, measured)."""
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul in `dtype` on `device` (the achievable peak, measured): 2048 on the CPU,
+    8192 on a GPU (smaller products leave a large GPU's matrix units partly idle)."""
+    size = 2048 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     a @ b
@@ -426,21 +431,31 @@ def plan(args: argparse.Namespace) -> list[Job]:
 
 
 def run_worker(job: Job) -> dict[str, Any]:
-    """Measure `job` in a fresh Python process and return its JSON result."""
+    """Measure `job` in a fresh Python process and return its JSON result, or {"error": last line of stderr}."""
     command = [sys.executable, "-m", "benchmarks.bench_train_step", "--worker", json.dumps(asdict(job))]
     process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if process.returncode != 0:
-        raise RuntimeError(f"worker for '{job.label}' at {job.resolution} px failed:\n{process.stderr[-4000:]}")
+        print(f"worker for '{job.label}' at {job.resolution} px failed:\n{process.stderr[-4000:]}", file=sys.stderr)
+        lines = process.stderr.strip().splitlines() or [f"exit status {process.returncode}"]
+        return {"error": lines[-1]}
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
 def run_all(jobs: list[Job], rounds: int) -> dict[Job, dict[str, Any]]:
-    """Run every job `rounds` times, alternating the order each round; pool the step times, keep the peak memory."""
+    """Run every job `rounds` times, alternating the order each round; pool the step times, keep the peak memory.
+
+    A job whose worker fails (out of memory, say) keeps its error and is not run again; the others go on.
+    """
     results: dict[Job, dict[str, Any]] = {}
     for round_index in range(rounds):
         for job in jobs if round_index % 2 == 0 else reversed(jobs):
+            if "error" in results.get(job, {}):
+                continue
             counted = job in results  # FLOPs do not change between rounds
             result = run_worker(replace(job, count_flops=not counted))
+            if "error" in result:
+                results[job] = result
+                continue
             print(f"[round {round_index + 1}/{rounds}] {job.resolution} px  {job.label}: "
                   f"median {statistics.median(result['times']):.2f} s/step, "
                   f"peak {result['peak_bytes'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
@@ -457,7 +472,8 @@ def _baseline(job: Job, results: dict[Job, dict[str, Any]]) -> dict[str, Any] | 
     key = Job(side="diffusers", config=job.config, device=job.device, resolution=job.resolution, batch=job.batch,
               precision=job.precision, checkpointing=job.checkpointing, encoders=job.encoders, steps=job.steps,
               warmup=job.warmup)
-    return results.get(key)
+    result = results.get(key)
+    return None if result is None or "error" in result else result
 
 
 def _flops(job: Job, results: dict[Job, dict[str, Any]]) -> int | None:
@@ -469,8 +485,10 @@ def _flops(job: Job, results: dict[Job, dict[str, Any]]) -> int | None:
 
 
 def format_row(job: Job, results: dict[Job, dict[str, Any]], peaks: dict[torch.dtype | None, float]) -> str:
-    """One table row: time, ratio, FLOPs, FLOP/s, share of peak, memory, ratio."""
+    """One table row: time, ratio, samples/s, FLOPs, FLOP/s, share of peak, memory, ratio (or the worker's error)."""
     result, baseline = results[job], _baseline(job, results)
+    if "error" in result:
+        return _format_cells([f"{job.resolution}px/{job.resolution // 8}", job.label, "failed: " + result["error"]])
     seconds = statistics.median(result["times"])
     flops = _flops(job, results)
     peak = peaks[job.autocast_dtype]
@@ -480,6 +498,7 @@ def format_row(job: Job, results: dict[Job, dict[str, Any]], peaks: dict[torch.d
         ratio(seconds, statistics.median(baseline["times"]) if baseline else 1),
         f"{min(result['times']):.2f}",
         ratio(min(result["times"]), min(baseline["times"]) if baseline else 1),
+        f"{job.batch / seconds:.2f}",
         f"{flops / 1e9:.1f}" if flops else "-",
         f"{flops / seconds / 1e9:.1f}" if flops else "-",
         f"{100 * flops / seconds / peak:.0f}%" if flops else "-",
@@ -489,14 +508,15 @@ def format_row(job: Job, results: dict[Job, dict[str, Any]], peaks: dict[torch.d
     return _format_cells(cells)
 
 
-COLUMNS = ("res/latent", "variant", "s/step", "vs diff", "best s", "vs diff", "GFLOP", "GFLOP/s", "% peak",
-           "peak GiB", "vs diff")
-WIDTHS = (11, 62, 7, 7, 7, 7, 7, 7, 6, 8, 7)
+COLUMNS = ("res/latent", "variant", "s/step", "vs diff", "best s", "vs diff", "samples/s", "GFLOP", "GFLOP/s",
+           "% peak", "peak GiB", "vs diff")
+WIDTHS = (11, 62, 7, 7, 7, 7, 9, 7, 7, 6, 8, 7)
 
 
 def _format_cells(cells: list[str]) -> str:
+    """Cells padded to the column widths; a short row (a failed job's message) ends in its last, unpadded cell."""
     return " | ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
-                      enumerate(zip(cells, WIDTHS, strict=True)))
+                      enumerate(zip(cells, WIDTHS))).rstrip()
 
 
 def print_table(args: argparse.Namespace, jobs: list[Job], results: dict[Job, dict[str, Any]],
@@ -512,7 +532,7 @@ def print_table(args: argparse.Namespace, jobs: list[Job], results: dict[Job, di
     print("matmul peak: " + ", ".join(f"{_dtype_name(dtype)} {flops / 1e9:.0f} GFLOP/s" for dtype, flops in
                                       peaks.items()))
     print(f"command: python -m benchmarks.bench_train_step {' '.join(args.argv)}")
-    sizes = {job.side: results[job]["sizes"] for job in jobs}
+    sizes = {job.side: results[job]["sizes"] for job in jobs if "sizes" in results[job]}
     for side, size in sizes.items():
         print(f"  {side:9s} params (M): " + ", ".join(f"{name} {count / 1e6:.1f}" for name, count in size.items()))
     print(_format_cells(list(COLUMNS)))
@@ -529,9 +549,9 @@ def _default_comparisons(jobs: list[Job], results: dict[Job, dict[str, Any]]) ->
     for job in jobs:
         if job.side == "ours" and job.checkpointing and job == _default_fields(job):
             theirs = _baseline(replace(job, checkpointing=False), results)
-            if theirs is None:
-                continue
             ours = results[job]
+            if theirs is None or "error" in ours:
+                continue
             ratios = [f"time {statistics.median(ours['times']) / statistics.median(theirs['times']):.2f}x",
                       f"memory {ours['peak_bytes'] / theirs['peak_bytes']:.2f}x"]
             if ours["flops"] and theirs["flops"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_train_step
 from benchmarks.bench_train_step import TINY_CONFIG, VARIANT_OPTIONS, Job, build_parser, diffusers_configs, plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def test_benchmark_prints_the_table_for_both_sides_of_the_same_architecture():
     # Same architecture: identical parameter counts and identical FLOPs per step.
     sizes = re.findall(r"^\s+(ours|diffusers)\s+params \(M\): (.*)$", out, re.MULTILINE)
     assert len(sizes) == 2 and sizes[0][1] == sizes[1][1]
-    gflops = {label: cells.split("|")[4].strip() for label, cells in rows.items()}
+    gflops = {label: cells.split("|")[5].strip() for label, cells in rows.items()}
     assert gflops["ours, ckpt off"] == gflops["diffusers, ckpt off"] != "-"
 
 
@@ -55,3 +56,25 @@ def test_plan_compares_like_with_like_and_adds_our_variants():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--variant", "warp-speed"])
     assert "step-in-backward" in VARIANT_OPTIONS
+
+
+def test_a_failed_worker_is_reported_in_its_row_and_not_retried(monkeypatch):
+    args = build_parser().parse_args(["--tiny", "--resolution", "64", "--checkpointing", "off"])
+    args.config = TINY_CONFIG
+    ours, theirs = plan(args)
+    calls = []
+
+    def fake_worker(job):
+        calls.append(job.side)
+        if job.side == "diffusers":
+            return {"error": "torch.OutOfMemoryError: CUDA out of memory."}
+        return {"times": [2.0], "peak_bytes": 2**30, "flops": 4 * 10**9, "loss": 0.1, "sizes": {"unet": 1}}
+
+    monkeypatch.setattr(bench_train_step, "run_worker", fake_worker)
+    results = bench_train_step.run_all([ours, theirs], rounds=2)
+    assert calls == ["ours", "diffusers", "ours"]  # the failed side is not run again in round 2
+    assert results[ours]["times"] == [2.0, 2.0]
+    failed_row = bench_train_step.format_row(theirs, results, {None: 1e12})
+    assert failed_row.endswith("failed: torch.OutOfMemoryError: CUDA out of memory.")
+    our_row = [cell.strip() for cell in bench_train_step.format_row(ours, results, {None: 1e12}).split("|")]
+    assert our_row[2:5] == ["2.00", "-", "2.00"] and our_row[6] == "0.50"  # no baseline; batch 1 / 2 s

@@ -129,9 +129,9 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-# Attention kernels whose outputs checkpointing keeps instead of recomputing: per query they cost a pass over
-# every key (at 512 px, 4096 x 4096 scores per head at the first level), yet their output is one activation
-# the size of the query.
+# Attention kernels whose outputs checkpointing keeps on the CPU instead of recomputing: per query they cost a
+# pass over every key (at 512 px, 4096 x 4096 scores per head at the first level), yet their output is one
+# activation the size of the query.
 ATTENTION_KERNELS = frozenset({
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
@@ -144,27 +144,38 @@ def _keep_attention_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+_PLAIN_CHECKPOINT_OPTIONS = {"use_reentrant": False}
+# The policy runs in Python for every operator of a checkpointed block, forward and recomputation. On the CPU,
+# where attention is compute-bound, that is cheap next to the attention it saves recomputing; on a GPU the
+# fused kernels are fast and the step is bound by launching operators, so there the policy would cost more
+# than it saves, and plain checkpointing recomputes everything.
 # Newer torch releases can route the tensors a policy keeps through surrounding saved-tensor hooks (such as
 # cldm.performance.recomputed_weight_casts), like every other tensor saved for backward, and warn until asked to
 # choose; older ones always bypass the hooks, which is harmless for kept attention outputs.
-_CHECKPOINT_OPTIONS = {
-    "use_reentrant": False,
+_SELECTIVE_CHECKPOINT_OPTIONS = {
+    **_PLAIN_CHECKPOINT_OPTIONS,
     "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_attention_outputs),
 }
 if "respect_saved_tensors_hooks" in inspect.signature(_torch_checkpoint).parameters:
-    _CHECKPOINT_OPTIONS["respect_saved_tensors_hooks"] = True
+    _SELECTIVE_CHECKPOINT_OPTIONS["respect_saved_tensors_hooks"] = True
+
+
+def checkpoint_options(device: torch.device) -> dict:
+    """Keyword arguments of `torch.utils.checkpoint.checkpoint` for blocks running on `device`."""
+    return _SELECTIVE_CHECKPOINT_OPTIONS if device.type == "cpu" else _PLAIN_CHECKPOINT_OPTIONS
 
 
 def checkpoint(func: Callable, inputs: Sequence, params: Iterable[nn.Parameter], flag: bool):
     """Run `func(*inputs)`, recomputing activations in backward when `flag` is set.
 
     Non-reentrant `torch.utils.checkpoint`: results and gradients equal a plain call, frozen
-    parameters are fine, and autocast state is restored on recomputation. The outputs of fused
-    attention kernels (ATTENTION_KERNELS) are kept rather than recomputed. `params` is accepted
-    for the original's signature; the non-reentrant variant finds parameters itself.
+    parameters are fine, and autocast state is restored on recomputation. On the CPU the outputs
+    of fused attention kernels (ATTENTION_KERNELS) are kept rather than recomputed
+    (`checkpoint_options`). `params` is accepted for the original's signature; the non-reentrant
+    variant finds parameters itself.
     """
     if flag and torch.is_grad_enabled():
-        return _torch_checkpoint(func, *inputs, **_CHECKPOINT_OPTIONS)
+        return _torch_checkpoint(func, *inputs, **checkpoint_options(inputs[0].device))
     return func(*inputs)
 
 

@@ -1,4 +1,4 @@
-"""Gradient checkpointing: attention kernel outputs are kept, everything else is recomputed."""
+"""Gradient checkpointing: on the CPU attention kernel outputs are kept, everything else is recomputed."""
 from __future__ import annotations
 
 import warnings
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldm.modules.diffusionmodules import util
 from ldm.modules.diffusionmodules.util import ATTENTION_KERNELS, checkpoint
 
 
@@ -63,3 +64,18 @@ def test_checkpoint_under_saved_tensor_hooks_gives_the_same_gradients_without_wa
         out.square().sum().backward()
     assert packed, "tensors saved for backward pass through the surrounding hooks"
     assert_close(weight.grad, expected, rtol=0, atol=0)
+
+
+def test_the_attention_policy_is_used_on_the_cpu_and_plain_checkpointing_elsewhere(monkeypatch):
+    options_used = []
+
+    def recording_checkpoint(func, *inputs, **options):
+        options_used.append(options)
+        return func(*inputs)
+
+    monkeypatch.setattr(util, "_torch_checkpoint", recording_checkpoint)
+    for device in ("cpu", "meta"):  # meta stands in for a GPU: any device but the CPU
+        checkpoint(torch.sin, (torch.ones(2, device=device, requires_grad=True),), [], True)
+    on_cpu, elsewhere = options_used
+    assert on_cpu["use_reentrant"] is False and "context_fn" in on_cpu
+    assert elsewhere == {"use_reentrant": False}
