@@ -100,6 +100,9 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
           help="store the frozen VAE, text encoder and locked UNet in this dtype (with a *-mixed --precision)")
     _flag(speed, "channels_last", action="store_true", help="convolutions in channels-last memory format")
     _flag(speed, "compile", action="store_true", help="torch.compile the UNet and the ControlNet")
+    _flag(speed, "float32_matmul_precision", default="highest", choices=("highest", "high", "medium"),
+          help="float32 matrix products: 'highest' keeps float32 (the original's numbers), 'high' lets GPUs use "
+               "TF32, 'medium' bf16 (also on CPUs with bf16 units); torch.set_float32_matmul_precision")
     _flag(speed, "optimizer_in_backward", action="store_true",
           help="update each parameter in backward as soon as its gradient is ready, so all gradients never exist "
                "at once (one device; not with gradient accumulation, clipping, 16-mixed or --skip_nonfinite)")
@@ -387,6 +390,7 @@ def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: s
     # The frozen VAE and text encoder are in eval mode by design; FLOPs are not needed for samples/s.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
     dataloader = build_dataloader(args, on_gpu=uses_gpu(args))

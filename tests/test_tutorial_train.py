@@ -136,6 +136,19 @@ def test_leanest_recipe_trains_in_bf16_with_float32_control_weights(initial_weig
     load_weights(model, weights, source="last.ckpt")  # strict, whatever the stored dtypes
 
 
+def test_float32_matmul_precision_flag_sets_torch_and_defaults_to_true_float32(initial_weights, data20, tmp_path):
+    def argv(root: str, *extra: str) -> list[str]:
+        return _args(initial_weights, data20, tmp_path / root, "--max_steps", "1", "--logger_freq", "1000", *extra)
+
+    try:
+        assert tutorial_train.main(argv("medium", "--float32_matmul_precision", "medium")) == 0
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert tutorial_train.main(argv("default")) == 0
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 def test_overfitting_one_batch_trains_only_the_control_branch(initial_weights):
     model = create_model(TINY_CONFIG)
     load_weights(model, load_state_dict(initial_weights), source=str(initial_weights))
