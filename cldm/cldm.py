@@ -280,11 +280,13 @@ class ControlLDM(LatentDiffusion):
         if cond["c_concat"] is None:
             return unet(x=x_noisy, timesteps=t, context=context, control=None, only_mid_control=self.only_mid_control)
         # Under autocast, backward recasts the trainable weights rather than keeping their half-precision copies.
+        # The hooks see every tensor saved for backward, so they cover only the networks that have such weights.
         casting = torch.is_autocast_enabled(x_noisy.device.type) and torch.is_grad_enabled()
         with recomputed_weight_casts() if casting else contextlib.nullcontext():
             control = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], dim=1), timesteps=t,
                                          context=context)
-            control = [residual * scale for residual, scale in zip(control, self.control_scales)]
+        control = [residual * scale for residual, scale in zip(control, self.control_scales)]
+        with recomputed_weight_casts() if casting and not self.sd_locked else contextlib.nullcontext():
             return unet(x=x_noisy, timesteps=t, context=context, control=control,
                         only_mid_control=self.only_mid_control)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cldm import performance
 from cldm.performance import (
     DEFAULT_BUCKET_BYTES,
     AdamWInBackward,
@@ -308,3 +309,38 @@ def test_weight_casts_are_recomputed_from_the_float32_weight(layer, shape):
         else:
             out.float().sum().backward()  # the kept bf16 copy does not see the change
             assert layer.weight.grad is not None
+
+
+def test_apply_model_recasts_every_trainable_weight_in_backward(tiny_model, batch, monkeypatch):
+    """Under autocast, the weight casts of the ControlNet, and of the UNet decoder when it trains, are recomputed in
+    backward (a weight changed after forward is caught); the locked UNet's saved tensors skip the hooks."""
+    packed, original_pack = [], performance._pack_weight_cast
+
+    def counting_pack(tensor: torch.Tensor):
+        packed.append(tensor.shape)
+        return original_pack(tensor)
+
+    monkeypatch.setattr(performance, "_pack_weight_cast", counting_pack)
+    hooked_tensors = {}
+    for sd_locked in (True, False):
+        model = copy.deepcopy(tiny_model)
+        model.sd_locked = sd_locked
+        weights = {"ControlNet": model.control_model.input_blocks[0][0].weight,
+                   "UNet decoder": model.model.diffusion_model.out[-1].weight}
+        with torch.no_grad():
+            context = model.get_learned_conditioning(batch["txt"])
+        cond = {"c_crossattn": [context], "c_concat": [batch["hint"].permute(0, 3, 1, 2)]}
+        for name, weight in weights.items():
+            packed.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                out = model.apply_model(batch["noise"], batch["t"], cond)
+            hooked_tensors[sd_locked] = len(packed)
+            with torch.no_grad():
+                weight.add_(1.0)
+            assert weight.requires_grad == (name == "ControlNet" or not sd_locked)
+            if weight.requires_grad:
+                with pytest.raises(RuntimeError, match="changed between the forward pass and its use in backward"):
+                    out.float().sum().backward()
+            else:
+                out.float().sum().backward()  # a frozen weight has no cast to recompute
+    assert 0 < hooked_tensors[True] < hooked_tensors[False] / 2  # the locked UNet's tensors skip the hooks
