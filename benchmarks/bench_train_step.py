@@ -488,7 +488,8 @@ def format_row(job: Job, results: dict[Job, dict[str, Any]], peaks: dict[torch.d
     """One table row: time, ratio, samples/s, FLOPs, FLOP/s, share of peak, memory, ratio (or the worker's error)."""
     result, baseline = results[job], _baseline(job, results)
     if "error" in result:
-        return _format_cells([f"{job.resolution}px/{job.resolution // 8}", job.label, "failed: " + result["error"]])
+        return _format_cells([f"{job.resolution}px/{job.resolution // 8}", job.label], WIDTHS[:2]) + \
+            " | failed: " + result["error"]
     seconds = statistics.median(result["times"])
     flops = _flops(job, results)
     peak = peaks[job.autocast_dtype]
@@ -513,10 +514,9 @@ COLUMNS = ("res/latent", "variant", "s/step", "vs diff", "best s", "vs diff", "s
 WIDTHS = (11, 62, 7, 7, 7, 7, 9, 7, 7, 6, 8, 7)
 
 
-def _format_cells(cells: list[str]) -> str:
-    """Cells padded to the column widths; a short row (a failed job's message) ends in its last, unpadded cell."""
+def _format_cells(cells: list[str], widths: tuple[int, ...] = WIDTHS) -> str:
     return " | ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
-                      enumerate(zip(cells, WIDTHS))).rstrip()
+                      enumerate(zip(cells, widths, strict=True)))
 
 
 def print_table(args: argparse.Namespace, jobs: list[Job], results: dict[Job, dict[str, Any]],
