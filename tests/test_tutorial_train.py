@@ -262,3 +262,14 @@ def test_dataloader_workers_default_to_none_on_cpu_and_some_per_gpu(monkeypatch)
     assert default_num_workers(on_gpu=True, devices=8) == 1  # 2 cores per GPU: one for the training process
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert default_num_workers(on_gpu=True, devices=1) == 1
+
+
+def test_freed_host_memory_is_retained_by_default_on_cpu_only(monkeypatch):
+    from cldm.training import SINGLE_DEVICE_DEFAULTS, build_parser, retains_host_memory
+
+    parse = build_parser(SINGLE_DEVICE_DEFAULTS, "train").parse_args
+    assert retains_host_memory(parse(["--accelerator", "cpu"]))
+    assert not retains_host_memory(parse(["--accelerator", "cpu", "--no-retain_host_memory"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not retains_host_memory(parse(["--accelerator", "auto"]))  # GPUs: CUDA's caching allocator does it
+    assert retains_host_memory(parse(["--accelerator", "gpu", "--retain_host_memory"]))
