@@ -20,7 +20,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cldm.host_memory import retain_freed_host_memory
 from cldm.model import create_model
+from cldm.training import retains_host_memory
 from tool_make_random_sd import randomize_
 
 PUBLISHED = "5.02 s/it, 8 GPUs x batch 4 (global 32), fp32 (DeepSparkHub, BI-V100)"
@@ -77,6 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="override the config's use_checkpoint")
+    parser.add_argument("--retain_host_memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep freed host memory for reuse (default: on the CPU, as tutorial_train.py)")
     return parser.parse_args(argv)
 
 
@@ -89,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
+    if retains_host_memory(args):
+        retain_freed_host_memory()
     total_steps = args.warmup + args.steps
     data = DataLoader(SyntheticPairs(total_steps * args.batch_size * args.devices, args.resolution),
                       batch_size=args.batch_size, shuffle=False)
