@@ -4,7 +4,9 @@ Both sides build the architecture of `--config` with random weights (diffusers' 
 yaml, so the parameter counts match), lock the UNet, and run forward, backward and the AdamW step on the same
 batch. Each measurement runs in its own process (peak RSS is per side on CPU), one process at a time, in
 alternating order over `--rounds`; the table shows the median step time, FLOPs per step counted with
-`torch.utils.flop_counter`, the achieved FLOP/s against a matmul peak measured here, and peak memory.
+`torch.utils.flop_counter`, the achieved FLOP/s against a matmul peak measured here, and peak memory. On the
+CPU, ours keeps freed host memory in the process as `tutorial_train.py` does there (`cldm.host_memory`);
+`--variant release-host-memory` adds ours without that, `--diffusers-retaining-host-memory` diffusers with it.
 
 Run from the repository root:
 
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils import flop_counter
+
+from cldm.host_memory import retain_freed_host_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = "models/cldm_v15.yaml"
@@ -68,6 +72,9 @@ class Job:
     channels_last: bool = False  # ours
     compile: bool = False  # ours
     autocast_cache: bool = False  # ours: autocast's weight-cast cache (Lightning turns it off)
+    # Keep freed host memory in the process (glibc); None: as each side's trainer does, which for ours is
+    # tutorial_train.py's default on the CPU and for diffusers' script is never.
+    retain_host_memory: bool | None = None
     count_flops: bool = True
 
     @property
@@ -88,14 +95,25 @@ class Job:
         if self.attention != "sdpa":
             parts.append(f"{self.attention} attention")
         if self.side == "ours" and self.adamw != "fused":
-            parts.append({"plain": "plain AdamW", "in-backward": "AdamW step in backward"}[self.adamw])
+            parts.append({"plain": "plain AdamW", "in-backward": "AdamW in backward"}[self.adamw])
         if self.autocast_cache and self.autocast_dtype is not None:
             parts.append("autocast cache on")
         if self.channels_last:
             parts.append("channels_last")
         if self.compile:
             parts.append("compile")
+        if self.retain_host_memory is not None and self.retain_host_memory != self.retains_host_memory_by_default:
+            parts.append("host memory retained" if self.retain_host_memory else "host memory released")
         return ", ".join(parts)
+
+    @property
+    def retains_host_memory_by_default(self) -> bool:
+        """Our trainer keeps freed host memory when it trains on the CPU; diffusers' script never does."""
+        return self.side == "ours" and self.device == "cpu"
+
+    @property
+    def retains_host_memory(self) -> bool:
+        return self.retains_host_memory_by_default if self.retain_host_memory is None else self.retain_host_memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +361,8 @@ def measure(job: Job) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device(job.device)
     step, sizes = (build_ours if job.side == "ours" else build_diffusers)(job, device)
+    if job.retains_host_memory:  # from the built model on, as tutorial_train.py
+        retain_freed_host_memory()
     for _ in range(job.warmup):
         step()
     _synchronize(device)
@@ -394,6 +414,7 @@ VARIANT_OPTIONS = {
     "plain-adamw": {"adamw": "plain"},
     "step-in-backward": {"adamw": "in-backward"},
     "autocast-cache": {"autocast_cache": True},
+    "release-host-memory": {"retain_host_memory": False},
 }
 
 
@@ -425,6 +446,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
                        precision=args.precision, checkpointing=ckpt, encoders=not args.no_encoders,
                        steps=args.steps, warmup=args.warmup)
             jobs += [replace(base, side=side) for side in args.sides]
+            if "diffusers" in args.sides and args.diffusers_retaining_host_memory:
+                jobs.append(replace(base, side="diffusers", retain_host_memory=True))
             if "ours" in args.sides:
                 jobs += [replace(base, **fields) for fields in our_variants(args)]
     return jobs
@@ -564,7 +587,7 @@ def _default_comparisons(jobs: list[Job], results: dict[Job, dict[str, Any]]) ->
 def _default_fields(job: Job) -> Job:
     """`job` with every option of ours at its default."""
     return replace(job, frozen_dtype="fp32", attention="sdpa", adamw="fused", channels_last=False, compile=False,
-                   autocast_cache=False)
+                   autocast_cache=False, retain_host_memory=None)
 
 
 def _device_name(device: str) -> str:
@@ -609,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="ours: add rows with torch.compile (slow to build)")
     parser.add_argument("--variant", type=_variant, action="append", default=[],
                         help=f"ours: add a row with these options (comma-separated): {', '.join(VARIANT_OPTIONS)}")
+    parser.add_argument("--diffusers-retaining-host-memory", action="store_true",
+                        help="add diffusers rows that keep freed host memory, as ours does on the CPU (like for like)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process before timing")
     parser.add_argument("--rounds", type=int, default=2, help="processes per row, alternating the order")

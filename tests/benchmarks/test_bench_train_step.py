@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_plan_compares_like_with_like_and_adds_our_variants():
     jobs = plan(args)
     assert [job.label for job in jobs[:4]] == [
         "ours, ckpt off", "diffusers, ckpt off", "ours, ckpt off, bf16-mixed, frozen bf16",
-        "ours, ckpt off, bf16-mixed, frozen bf16, AdamW step in backward",
+        "ours, ckpt off, bf16-mixed, frozen bf16, AdamW in backward",
     ]
     assert [job.checkpointing for job in jobs] == [False] * 4 + [True] * 4
     assert all(isinstance(job, Job) and job.resolution == 64 for job in jobs)
@@ -78,3 +79,20 @@ def test_a_failed_worker_is_reported_in_its_row_and_not_retried(monkeypatch):
     assert failed_row.endswith("failed: torch.OutOfMemoryError: CUDA out of memory.")
     our_row = [cell.strip() for cell in bench_train_step.format_row(ours, results, {None: 1e12}).split("|")]
     assert our_row[2:5] == ["2.00", "-", "2.00"] and our_row[6] == "0.50"  # no baseline; batch 1 / 2 s
+
+
+def test_host_memory_rows_follow_each_trainer_and_compare_against_diffusers_default():
+    args = build_parser().parse_args(["--tiny", "--resolution", "64", "--checkpointing", "off", "--variant",
+                                      "release-host-memory", "--diffusers-retaining-host-memory"])
+    args.config = TINY_CONFIG
+    jobs = plan(args)
+    assert [(job.label, job.retains_host_memory) for job in jobs] == [
+        ("ours, ckpt off", True),  # as tutorial_train.py on the CPU
+        ("diffusers, ckpt off", False),  # as train_controlnet.py
+        ("diffusers, ckpt off, host memory retained", True),
+        ("ours, ckpt off, host memory released", False),
+    ]
+    baseline = {"times": [1.0], "peak_bytes": 1}
+    results = {jobs[1]: baseline, jobs[2]: {"times": [9.0], "peak_bytes": 9}}
+    assert bench_train_step._baseline(jobs[3], results) is baseline
+    assert not replace(jobs[0], device="cuda").retains_host_memory  # on GPUs only when asked for
