@@ -113,6 +113,7 @@ class Job:
 
     @property
     def retains_host_memory(self) -> bool:
+        """Whether the worker keeps freed host memory: the job's choice, else its side's default."""
         return self.retains_host_memory_by_default if self.retain_host_memory is None else self.retain_host_memory
 
 
