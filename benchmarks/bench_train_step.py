@@ -102,7 +102,7 @@ class Job:
             parts.append("channels_last")
         if self.compile:
             parts.append("compile")
-        if self.retain_host_memory is not None and self.retain_host_memory != self.retains_host_memory_by_default:
+        if self.retains_host_memory != self.retains_host_memory_by_default:
             parts.append("host memory retained" if self.retain_host_memory else "host memory released")
         return ", ".join(parts)
 
