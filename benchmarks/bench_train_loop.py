@@ -20,9 +20,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cldm.host_memory import retain_freed_host_memory
 from cldm.model import create_model
-from cldm.training import retains_host_memory
+from cldm.training import apply_host_memory_option
 from tool_make_random_sd import randomize_
 
 PUBLISHED = "5.02 s/it, 8 GPUs x batch 4 (global 32), fp32 (DeepSparkHub, BI-V100)"
@@ -93,8 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
-    if retains_host_memory(args):
-        retain_freed_host_memory()
+    apply_host_memory_option(args)
     total_steps = args.warmup + args.steps
     data = DataLoader(SyntheticPairs(total_steps * args.batch_size * args.devices, args.resolution),
                       batch_size=args.batch_size, shuffle=False)

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, default_collate
 
 from cldm.atomic_checkpoint_io import AtomicCheckpointIO
@@ -189,6 +189,13 @@ def uses_gpu(args: argparse.Namespace) -> bool:
 def retains_host_memory(args: argparse.Namespace) -> bool:
     """`--retain_host_memory`, whose default is on when the run trains on the CPU."""
     return not uses_gpu(args) if args.retain_host_memory is None else args.retain_host_memory
+
+
+def apply_host_memory_option(args: argparse.Namespace) -> None:
+    """Keep freed host memory when `--retain_host_memory` says so; warn if it was asked for and cannot be done."""
+    if retains_host_memory(args) and not retain_freed_host_memory() and args.retain_host_memory:
+        rank_zero_warn("--retain_host_memory needs glibc's malloc, which this system does not use; freed host "
+                       "memory goes back to the system as usual (drop the flag to silence this)")
 
 
 def _check_hardware(args: argparse.Namespace) -> None:
@@ -405,8 +412,7 @@ def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: s
         pl.seed_everything(args.seed, workers=True)
     dataloader = build_dataloader(args, on_gpu=uses_gpu(args))
     model = build_model(args)
-    if retains_host_memory(args):
-        retain_freed_host_memory()
+    apply_host_memory_option(args)
     trainer = build_trainer(args, dataloader.sampler)
     try:
         trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)

@@ -273,3 +273,16 @@ def test_freed_host_memory_is_retained_by_default_on_cpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert not retains_host_memory(parse(["--accelerator", "auto"]))  # GPUs: CUDA's caching allocator does it
     assert retains_host_memory(parse(["--accelerator", "gpu", "--retain_host_memory"]))
+
+
+def test_asking_for_retained_host_memory_without_glibc_warns_once_and_trains_on(monkeypatch, recwarn):
+    import platform
+
+    from cldm.training import SINGLE_DEVICE_DEFAULTS, apply_host_memory_option, build_parser
+
+    parse = build_parser(SINGLE_DEVICE_DEFAULTS, "train").parse_args
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    apply_host_memory_option(parse(["--accelerator", "cpu"]))  # the default: nothing to say
+    assert not [w for w in recwarn if "retain_host_memory" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"--retain_host_memory needs glibc's malloc"):
+        apply_host_memory_option(parse(["--accelerator", "cpu", "--retain_host_memory"]))
