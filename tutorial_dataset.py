@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from cldm.data_order import Visit
+
 REQUIRED_KEYS = ("source", "target", "prompt")
 
 
@@ -48,7 +50,9 @@ class MyDataset(Dataset):
     """Items of ``<root>/prompt.json`` as ``dict(jpg=target in [-1, 1], txt=prompt, hint=source in [0, 1])``.
 
     Both images are float32 RGB arrays of shape (H, W, 3). With the defaults this is the original
-    tutorial's data set. Prompt dropout draws from a NumPy generator made once per process: from
+    tutorial's data set. Prompt dropout of a `Visit` (what the training's sampler yields) draws from
+    ``(visit seed, epoch, index)``, so a resumed run and any number of DataLoader workers drop the same
+    prompts. Indexed by an integer, it draws from a NumPy generator made once per process: from
     ``(seed, DataLoader worker id)`` when `seed` is set, else from ``torch.initial_seed()``, which
     DataLoader workers derive from the main process's torch seed.
 
@@ -90,8 +94,8 @@ class MyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, idx: int) -> dict[str, np.ndarray | str]:
-        item = self.data[idx]
+    def __getitem__(self, idx: int | Visit) -> dict[str, np.ndarray | str]:
+        item = self.data[idx.index if isinstance(idx, Visit) else idx]
         source = self._read_rgb(item["source"])
         target = self._read_rgb(item["target"])
         if source.shape != target.shape:
@@ -102,7 +106,7 @@ class MyDataset(Dataset):
         if self.resolution is not None:
             source, target = self._resize(source), self._resize(target)
         prompt = item["prompt"]
-        if self.prompt_dropout > 0 and self._dropout_rng().random() < self.prompt_dropout:
+        if self.prompt_dropout > 0 and self._dropout_rng(idx).random() < self.prompt_dropout:
             prompt = ""
         # Control hint in [0, 1]; target in [-1, 1], the range the autoencoder expects. In place, the
         # float32 results equal the original's `x.astype(np.float32) / 255.0` and `/ 127.5 - 1.0`.
@@ -128,8 +132,11 @@ class MyDataset(Dataset):
         interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         return cv2.resize(image, (self.resolution, self.resolution), interpolation=interpolation)
 
-    def _dropout_rng(self) -> np.random.Generator:
-        """This process's generator, made on first use so that each DataLoader worker draws its own stream."""
+    def _dropout_rng(self, idx: int | Visit) -> np.random.Generator:
+        """A generator of this visit; for an integer index, this process's generator, made on first use so that
+        each DataLoader worker draws its own stream."""
+        if isinstance(idx, Visit):
+            return np.random.default_rng([idx.seed, idx.epoch, idx.index])
         worker = get_worker_info()
         owner = (os.getpid(), worker.id if worker is not None else -1)
         if self._rng_owner != owner:

@@ -5,11 +5,14 @@ so a run resumed in the middle of an epoch would see another order (Lightning ca
 plain DataLoader either). `ResumableRandomSampler` makes the order a function of (seed, epoch), and
 `DataOrderCheckpoint` saves how far into the epoch training got, so a resumed run sees exactly the samples an
 uninterrupted one would. Under DDP Lightning wraps the sampler and gives each rank its share of the same order.
+The sampler yields `Visit`s, which tell the data set which visit of a sample it serves, so that random choices
+per visit (prompt dropout) can be a function of (seed, epoch, index) too: the same after a resume and for any
+number of DataLoader workers or ranks.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -17,8 +20,17 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import Sampler
 
 
-class ResumableRandomSampler(Sampler[int]):
-    """A random permutation of `range(length)` per epoch, seeded by `seed + epoch`, that can start part-way.
+class Visit(NamedTuple):
+    """One visit of a sample: its index in the data set, and the sampler's seed and epoch."""
+
+    index: int
+    seed: int
+    epoch: int
+
+
+class ResumableRandomSampler(Sampler[Visit]):
+    """A random permutation of `range(length)` per epoch, seeded by `seed + epoch`, that can start part-way; it
+    yields each index as a `Visit`.
 
     Args:
         length: the number of samples in the data set.
@@ -35,10 +47,10 @@ class ResumableRandomSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.length  # Lightning counts the batches of the whole epoch, also when resuming in it
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Visit]:
         order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         start, self.start = self.start, 0
-        return iter(order[start:].tolist())
+        return iter([Visit(index, self.seed, self.epoch) for index in order[start:].tolist()])
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before each epoch."""

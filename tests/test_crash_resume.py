@@ -3,7 +3,8 @@
 One run of 8 steps is interrupted five times, each time resumed with `--resume_from_checkpoint last`:
 SIGKILL mid-step, SIGTERM mid-step, SIGKILL while last.ckpt is half written, Ctrl-C (SIGINT) mid-step and
 SIGKILL while image grids are sampled. The final weights must equal those of an uninterrupted run with the same
-seed, and every checkpoint file on disk must load at every moment in between.
+seed (prompt dropout on: the dropped prompts must match too), and every checkpoint file on disk must load at every
+moment in between.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from tiny_training import HELPERS, REPO, make_data, make_initial_weights, subpro
 MAX_STEPS = 8
 # 8 items at batch 2: 4 batches per epoch. Checkpoints every 2 steps; grids at batch_idx 0 and 3 (steps 1, 4, 5, 8).
 COMMON = ("--max_steps", str(MAX_STEPS), "--checkpoint_every_n_steps", "2", "--logger_freq", "3",
-          "--keep_last_k", "10")
+          "--keep_last_k", "10", "--prompt_dropout", "0.5")
 # (where, global step, signal): the interruptions, in order; each run resumes from the last.ckpt the previous left.
 INTERRUPTIONS = [("step", 2, "KILL"), ("step", 2, "TERM"), ("save", 4, "KILL"), ("step", 4, "INT"),
                  ("log", 8, "KILL")]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 import tutorial_dataset_test
 from benchmarks import bench_dataset
+from cldm.data_order import ResumableRandomSampler, Visit
 from cldm.fill50k import generate_fill50k
 from tutorial_dataset import MyDataset
 
@@ -145,6 +146,31 @@ def test_prompt_dropout_extremes(fill50k):
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="prompt_dropout must be a probability between 0 and 1"):
             MyDataset(root=str(fill50k), prompt_dropout=bad)
+
+
+def test_prompt_dropout_of_a_visit_depends_on_seed_epoch_and_index_only(fill50k):
+    dataset = MyDataset(root=str(fill50k), prompt_dropout=0.3, seed=0)
+    visits = [Visit(index % len(dataset), seed=5, epoch=index // len(dataset)) for index in range(2000)]
+    dropped = [dataset[visit]["txt"] == "" for visit in visits]
+    assert abs(np.mean(dropped) - 0.3) < 0.04
+    assert [dataset[visit]["txt"] == "" for visit in reversed(visits)] == dropped[::-1]  # no stream to advance
+    other_dataset_seed = MyDataset(root=str(fill50k), prompt_dropout=0.3, seed=1)
+    assert [other_dataset_seed[visit]["txt"] == "" for visit in visits] == dropped
+    epoch_0 = dropped[:len(dataset)]
+    assert any(dropped[k * len(dataset):(k + 1) * len(dataset)] != epoch_0 for k in range(1, 4))  # epochs differ
+    assert [dataset[visit._replace(seed=6)]["txt"] == "" for visit in visits] != dropped
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_prompts_dropped_in_an_epoch_do_not_depend_on_workers(fill50k, num_workers):
+    dataset = MyDataset(root=str(fill50k), prompt_dropout=0.5)
+    sampler = ResumableRandomSampler(len(dataset), seed=4)
+    sampler.set_epoch(1)
+    want = {visit.index: dataset[visit]["txt"] for visit in sampler}
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=num_workers)
+    got = [prompt for batch in loader for prompt in batch["txt"]]
+    assert got == [want[visit.index] for visit in sampler]
+    assert "" in got and any(got)
 
 
 def test_dataloader_with_workers(fill50k):
