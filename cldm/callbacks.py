@@ -60,6 +60,16 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return not tensors or bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
 
 
+def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """`last.ckpt` (a link to the newest step checkpoint), else the step checkpoint with the highest step (a run
+    killed while it moved the link leaves none), else None."""
+    last = checkpoint_dir / "last.ckpt"
+    if last.is_file():
+        return last
+    steps = sorted(checkpoint_dir.glob("step-*.ckpt"))  # zero-padded step numbers sort as text
+    return steps[-1] if steps else None
+
+
 class NonFiniteLossGuard(Callback):
     """Stops training (or skips the step) when the loss or the gradients are NaN or infinite, before the optimizer
     step, so the weights and the checkpoints on disk stay finite. All ranks take the same decision.
@@ -81,9 +91,9 @@ class NonFiniteLossGuard(Callback):
         self._loss: torch.Tensor | None = None
 
     def _stop_message(self, problem: str, step: int) -> str:
-        last = self.checkpoint_dir / "last.ckpt"
+        last = newest_checkpoint(self.checkpoint_dir)
         resume = (f"the last good checkpoint is {last}: resume from it with --resume_from_checkpoint last"
-                  if last.is_file() else "no checkpoint was saved before it: start again")
+                  if last is not None else "no checkpoint was saved before it: start again")
         return (f"{problem} at step {step}, so training stopped; {resume} after lowering --learning_rate or using "
                 f"--precision 32, or pass --skip_nonfinite to skip such steps")
 
@@ -142,8 +152,9 @@ class GracefulStop(Callback):
 
 class StepCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` that also saves when training is interrupted (SIGTERM, Ctrl-C, errors) after making
-    progress, but never after a non-finite loss, so the last good checkpoint stays the one on disk. At start it
-    removes the temporary files of saves that a killed process left behind."""
+    progress, but never after a non-finite loss, so the last good checkpoint stays the one on disk, and saves the
+    final step of a run that ends between two scheduled saves. At start it removes the temporary files of saves
+    that a killed process left behind."""
 
     _start_step: int | None = None
 
@@ -157,6 +168,16 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._start_step = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning saves every `every_n_train_steps` only: a run whose --max_steps is not a multiple of it would
+        # end with the steps since the last save unsaved.
+        trained = self._start_step is not None and trainer.global_step > self._start_step
+        if trained and not self._should_skip_saving_checkpoint(trainer):
+            monitor_candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, monitor_candidates)
+            self._save_last_checkpoint(trainer, monitor_candidates)
+        super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, NonFiniteLossError) or self._start_step in (None, trainer.global_step):

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, default_collate
 
 from cldm.atomic_checkpoint_io import AtomicCheckpointIO
-from cldm.callbacks import GracefulStop, NonFiniteLossGuard, RandomStateCheckpoint, StepCheckpoint
+from cldm.callbacks import GracefulStop, NonFiniteLossGuard, RandomStateCheckpoint, StepCheckpoint, newest_checkpoint
 from cldm.checkpoint_io import BASE_MODEL_DESCRIPTIONS, detect_base_model, read_checkpoint
 from cldm.cli import EXIT_INTERRUPTED
 from cldm.data_order import DataOrderCheckpoint, ResumableRandomSampler
@@ -136,7 +136,7 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
 
     outputs = parser.add_argument_group("checkpoints and logs")
     _flag(outputs, "checkpoint_every_n_steps", type=int, default=1000, help="save a checkpoint every N steps")
-    _flag(outputs, "keep_last_k", type=int, default=3, help="step checkpoints to keep (plus last.ckpt)")
+    _flag(outputs, "keep_last_k", type=int, default=3, help="step checkpoints to keep (last.ckpt links to the newest)")
     _flag(outputs, "resume_from_checkpoint", default=None,
           help="continue an interrupted run from this Lightning checkpoint ('last' finds the newest)")
     _flag(outputs, "logger_freq", type=int, default=defaults["logger_freq"], help="log image grids every N batches")
@@ -158,12 +158,14 @@ def _check_positive(name: str, value: int | float | None, allow_none: bool = Tru
 
 
 def _resolve_resume(value: str | None, root: str) -> str | None:
-    """The checkpoint to resume from; 'last' means `<root>/checkpoints/last.ckpt`."""
+    """The checkpoint to resume from; 'last' means the newest in `<root>/checkpoints/`."""
     if value is None:
         return None
-    path = Path(root, CHECKPOINT_DIRNAME, "last.ckpt") if value == "last" else Path(value)
+    checkpoint_dir = Path(root, CHECKPOINT_DIRNAME)
+    path = (newest_checkpoint(checkpoint_dir) or checkpoint_dir / "last.ckpt") if value == "last" else Path(value)
     if not path.is_file():
-        hint = f"no {path} yet; start without --resume_from_checkpoint" if value == "last" else "check the path"
+        hint = (f"no checkpoint in {checkpoint_dir} yet; start without --resume_from_checkpoint" if value == "last"
+                else "check the path")
         raise FileNotFoundError(f"--resume_from_checkpoint: {path} does not exist ({hint})")
     _check_training_checkpoint(path)
     return str(path)
@@ -370,7 +372,7 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
                                log_images_kwargs={"ddim_steps": args.log_ddim_steps})
     checkpoints = StepCheckpoint(
         dirpath=checkpoint_dir, filename="step-{step:07d}", auto_insert_metric_name=False, monitor="step",
-        mode="max", save_top_k=args.keep_last_k, every_n_train_steps=args.checkpoint_every_n_steps, save_last=True,
+        mode="max", save_top_k=args.keep_last_k, every_n_train_steps=args.checkpoint_every_n_steps, save_last="link",
         save_on_exception=True, enable_version_counter=False)
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite), RandomStateCheckpoint(),

@@ -646,8 +646,8 @@ def _(inputs, tmp, monkeypatch):
 @row("train-resume-last-without-a-run")
 def _(inputs, tmp, monkeypatch):
     return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", "last"),
-                f"--resume_from_checkpoint: {tmp}/run/checkpoints/last.ckpt does not exist (no "
-                f"{tmp}/run/checkpoints/last.ckpt yet; start without --resume_from_checkpoint)")
+                f"--resume_from_checkpoint: {tmp}/run/checkpoints/last.ckpt does not exist (no checkpoint in "
+                f"{tmp}/run/checkpoints yet; start without --resume_from_checkpoint)")
 
 
 @row("train-resume-truncated")

@@ -1,7 +1,7 @@
 """Crash safety and graceful stops of the training job, with real processes and real signals.
 
 One run of 8 steps is interrupted five times, each time resumed with `--resume_from_checkpoint last`:
-SIGKILL mid-step, SIGTERM mid-step, SIGKILL while last.ckpt is half written, Ctrl-C (SIGINT) mid-step and
+SIGKILL mid-step, SIGTERM mid-step, SIGKILL while a checkpoint is half written, Ctrl-C (SIGINT) mid-step and
 SIGKILL while image grids are sampled. The final weights must equal those of an uninterrupted run with the same
 seed (prompt dropout on: the dropped prompts must match too), and every checkpoint file on disk must load at every
 moment in between.
@@ -113,9 +113,9 @@ def test_sigterm_and_ctrl_c_save_a_resumable_checkpoint_and_exit_130(runs, index
 def test_sigkill_while_saving_keeps_the_previous_last_checkpoint_intact(runs) -> None:
     run = runs["interrupted"][2]
     assert run.returncode == -signal.SIGKILL, run.output[-3000:]
-    assert run.checkpoints["last.ckpt"] == 3  # the half-written new one never replaced it
-    assert run.checkpoints["step-0000004.ckpt"] == 4  # written (completely) just before last.ckpt
-    assert len(run.temporary_files) == 1 and run.temporary_files[0].startswith(".last.ckpt.")
+    assert run.checkpoints["last.ckpt"] == 3  # still the link to step 3: the half-written step 4 never appeared
+    assert "step-0000004.ckpt" not in run.checkpoints
+    assert len(run.temporary_files) == 1 and run.temporary_files[0].startswith(".step-0000004.ckpt.")
     # The next run removes the partial file of the interrupted save.
     assert runs["interrupted"][3].temporary_files == []
     assert "an incomplete checkpoint of an interrupted save" in runs["interrupted"][3].output
@@ -135,7 +135,9 @@ def test_resumed_run_reaches_the_weights_of_an_uninterrupted_run(runs) -> None:
     final = runs["final"]
     assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
     want = read_checkpoint(reference_root / "checkpoints" / "last.ckpt", mmap=False)
-    got = read_checkpoint(runs["root"] / "checkpoints" / "last.ckpt", mmap=False)
+    last = runs["root"] / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == f"step-{MAX_STEPS:07d}.ckpt"  # a link, not a second copy
+    got = read_checkpoint(last, mmap=False)
     assert got["global_step"] == want["global_step"] == MAX_STEPS
     assert got["state_dict"].keys() == want["state_dict"].keys()
     worst = max(float((got["state_dict"][key] - value).abs().max()) for key, value in want["state_dict"].items())

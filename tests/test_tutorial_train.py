@@ -73,8 +73,11 @@ def test_training_writes_images_metrics_and_a_strictly_loadable_checkpoint(initi
     losses = [float(row["train/loss_simple_step"]) for row in metrics if row.get("train/loss_simple_step")]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
+    # Saved every 2 steps, and the final step 3 too; last.ckpt links to the newest.
     checkpoints = sorted(p.name for p in (root / "checkpoints").iterdir())
-    assert "last.ckpt" in checkpoints and "step-0000002.ckpt" in checkpoints
+    assert checkpoints == ["last.ckpt", "step-0000002.ckpt", "step-0000003.ckpt"]
+    assert (root / "checkpoints" / "last.ckpt").readlink() == Path("step-0000003.ckpt")
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     model = create_model(TINY_CONFIG)
     load_weights(model, load_state_dict(root / "checkpoints" / "last.ckpt"), source="last.ckpt")
 

@@ -4,7 +4,8 @@
 
 When the trainer's global step equals STEP, the process sends itself SIGNAL (KILL, TERM or INT) at POINT:
     step  in the middle of a training step: after the backward pass, before the optimizer update;
-    save  in the middle of writing last.ckpt: half of its bytes are in the temporary file (fsync'd);
+    save  in the middle of writing the step's checkpoint (the file last.ckpt is to link to next): half of its
+          bytes are in the temporary file (fsync'd);
     log   in the middle of image logging: inside `log_images`, after sampling, before the grids are saved.
 """
 from __future__ import annotations
@@ -31,14 +32,15 @@ def _signal_self(signum: int) -> None:
 
 
 class TruncatingCheckpointIO(AtomicCheckpointIO):
-    """Writes half of last.ckpt at global step `step` through the real temporary-file path, then signals."""
+    """Writes half of the step checkpoint of global step `step` through the real temporary-file path, then
+    signals."""
 
     def __init__(self, step: int, signum: int):
         super().__init__()
         self.step, self.signum = step, signum
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        if checkpoint["global_step"] != self.step or Path(path).name != "last.ckpt":
+        if checkpoint["global_step"] != self.step or not Path(path).name.startswith("step-"):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         buffer = io.BytesIO()
