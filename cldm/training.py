@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, default_collate
@@ -366,7 +366,9 @@ def build_loggers(root: str) -> list:
 
 
 def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -> list[pl.Callback]:
-    """Guards, exact-resume state, image logs, step checkpoints, learning rate and throughput monitors."""
+    """Guards, exact-resume state, image logs, step checkpoints, learning rate and throughput monitors, and a
+    tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning would pick Rich's
+    bar, in it/s, whenever `rich` happens to be installed)."""
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
                                log_images_kwargs={"ddim_steps": args.log_ddim_steps})
@@ -377,7 +379,7 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite), RandomStateCheckpoint(),
             DataOrderCheckpoint(sampler, args.batch_size), GracefulStop(), image_logger, checkpoints,
-            LearningRateMonitor(logging_interval="step"), throughput]
+            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar()]
 
 
 def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:

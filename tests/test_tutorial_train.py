@@ -57,11 +57,16 @@ def _control_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_state_dict(checkpoint).items() if k.startswith("control_model.")}
 
 
-def test_training_writes_images_metrics_and_a_strictly_loadable_checkpoint(initial_weights, data20, tmp_path):
+def test_training_writes_images_metrics_and_a_strictly_loadable_checkpoint(initial_weights, data20, tmp_path,
+                                                                           capsys):
     root = tmp_path / "run"
     argv = _args(initial_weights, data20, root, "--max_steps", "3", "--logger_freq", "2",
                  "--checkpoint_every_n_steps", "2")
     assert tutorial_train.main(argv) == 0
+
+    # tqdm's bar: step rate (s/it when slower than 1 it/s) and the loss, whether or not `rich` is installed.
+    progress = capsys.readouterr().out  # Lightning's tqdm bars write to stdout
+    assert re.search(r"Epoch 0: .*[0-9.]+(s/it|it/s).*train/loss_simple_step=", progress), progress[-2000:]
 
     images = sorted(os.listdir(root / "image_log" / "train"))
     assert images and all(IMAGE_NAME.match(name) for name in images), images
