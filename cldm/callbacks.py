@@ -169,19 +169,22 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._start_step = trainer.global_step
 
+    def _trained_since_start(self, trainer: pl.Trainer) -> bool:
+        """Whether this run made a step since it started (or since the checkpoint it resumed from)."""
+        return self._start_step not in (None, trainer.global_step)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning saves every `every_n_train_steps` only: a run whose --max_steps is not a multiple of it would
         # end with the steps since the last save unsaved.
-        trained = self._start_step is not None and trainer.global_step > self._start_step
-        if trained and not self._should_skip_saving_checkpoint(trainer):
+        if self._trained_since_start(trainer) and not self._should_skip_saving_checkpoint(trainer):
             monitor_candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, monitor_candidates)
             self._save_last_checkpoint(trainer, monitor_candidates)
         super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, NonFiniteLossError) or self._start_step in (None, trainer.global_step):
-            return  # nothing trained since the start (or since the checkpoint resumed from): nothing to save
+        if isinstance(exception, NonFiniteLossError) or not self._trained_since_start(trainer):
+            return  # a non-finite loss is never saved, and without a step there is nothing new to save
         try:
             super().on_exception(trainer, pl_module, exception)
         except OSError as error:  # e.g. the disk is full: report the exception that stopped training, not this one

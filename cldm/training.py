@@ -195,7 +195,10 @@ def retains_host_memory(args: argparse.Namespace) -> bool:
 
 def apply_host_memory_option(args: argparse.Namespace) -> None:
     """Keep freed host memory when `--retain_host_memory` says so; warn if it was asked for and cannot be done."""
-    if retains_host_memory(args) and not retain_freed_host_memory() and args.retain_host_memory:
+    if not retains_host_memory(args):
+        return
+    retained = retain_freed_host_memory()
+    if not retained and args.retain_host_memory:  # asked for explicitly; the CPU default stays silent
         rank_zero_warn("--retain_host_memory needs glibc's malloc, which this system does not use; freed host "
                        "memory goes back to the system as usual (drop the flag to silence this)")
 
