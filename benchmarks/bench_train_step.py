@@ -18,6 +18,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import platform
@@ -26,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cldm.host_memory import retain_freed_host_memory
 
@@ -75,7 +77,11 @@ class Job:
     # Keep freed host memory in the process (glibc); None: as each side's trainer does, which for ours is
     # tutorial_train.py's default on the CPU and for diffusers' script is never.
     retain_host_memory: bool | None = None
-    count_flops: bool = True
+    latent_cache: bool = False  # ours: the batch holds cached VAE moments and text embeddings (tool_cache_latents)
+    # Take each side's GPU code paths even on the CPU (diffusers' AdamW and clipping as `foreach`), so that the
+    # operators counted here are those the side dispatches on a GPU.
+    gpu_paths: bool = False
+    count: bool = True  # count FLOPs, dispatched operators and Python calls of one extra step
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -102,6 +108,8 @@ class Job:
             parts.append("channels_last")
         if self.compile:
             parts.append("compile")
+        if self.latent_cache:
+            parts.append("latent cache")
         if self.retains_host_memory != self.retains_host_memory_by_default:
             parts.append("host memory retained" if self.retain_host_memory else "host memory released")
         return ", ".join(parts)
@@ -122,14 +130,15 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tensor], dict[str, Any]]:
-    """Our ControlLDM with the job's speed options, its optimizer and a closure running one training step."""
+def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tensor], list[torch.nn.Module]]:
+    """Our ControlLDM with the job's speed options, its optimizer, and a closure running one training step."""
     from cldm.model import create_model
     from cldm.performance import AdamWInBackward, apply_speed_options, make_optimizer
     from ldm.modules.attention import set_attention_backend
     from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 
-    model = create_model(REPO_ROOT / job.config)
+    with _building_on(device):
+        model = create_model(REPO_ROOT / job.config)
     model.sd_locked = True
     set_gradient_checkpointing(model, job.checkpointing)
     set_attention_backend(model, job.attention)
@@ -141,7 +150,11 @@ def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tenso
     else:
         optimizer = make_optimizer(model.trainable_parameters(), LEARNING_RATE, fused=job.adamw == "fused")
     data = make_data(job, device, context_dim=_context_dim(job.config))
-    batch = {"jpg": data["image"].permute(0, 2, 3, 1), "txt": data["prompts"], "hint": data["hint"].permute(0, 2, 3, 1)}
+    batch = {"txt": data["prompts"], "hint": data["hint"].permute(0, 2, 3, 1)}
+    if job.latent_cache:  # what the cached data set yields: moments and embeddings in the cache's bfloat16
+        batch.update(latent_moments=data["moments"].bfloat16(), txt_embedding=data["context"].bfloat16())
+    else:
+        batch["jpg"] = data["image"].permute(0, 2, 3, 1)
     cond = {"c_crossattn": [data["context"]], "c_concat": [data["hint"]]}
 
     def forward_backward() -> torch.Tensor:
@@ -157,8 +170,7 @@ def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tenso
         optimizer.zero_grad(set_to_none=True)
         return optimizer.step(forward_backward)
 
-    sizes = _sizes(model.model.diffusion_model, model.control_model, model.first_stage_model, model.cond_stage_model)
-    return step, sizes
+    return step, [model.model.diffusion_model, model.control_model, model.first_stage_model, model.cond_stage_model]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,16 +226,17 @@ def diffusers_configs(config_path: Path) -> dict[str, Any]:
     )
 
 
-def build_diffusers(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tensor], dict[str, Any]]:
+def build_diffusers(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tensor], list[torch.nn.Module]]:
     """diffusers' frozen UNet/VAE/CLIP and trainable ControlNetModel.from_unet, and one train_controlnet.py step."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = diffusers_configs(REPO_ROOT / job.config)
-    unet = UNet2DConditionModel(**configs["unet"])
-    vae = AutoencoderKL(**configs["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"], attn_implementation="sdpa"))
-    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=configs["conditioning_channels"])
+    with _building_on(device):
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"], attn_implementation="sdpa"))
+        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=configs["conditioning_channels"])
     scheduler = DDPMScheduler(**configs["scheduler"])
     # train_controlnet.py: frozen models in the mixed-precision dtype, the ControlNet in float32, trainable.
     weight_dtype = torch.bfloat16 if job.precision == "bf16-mixed" else torch.float32
@@ -233,8 +246,10 @@ def build_diffusers(job: Job, device: torch.device) -> tuple[Callable[[], torch.
     if job.checkpointing:  # the same blocks as ours: ControlNet and UNet
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
+    # On a GPU torch picks the multi-tensor (`foreach`) AdamW and clipping; `gpu_paths` asks for them on the CPU.
+    foreach = True if job.gpu_paths else None
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2,
-                                  eps=1e-8)
+                                  eps=1e-8, foreach=foreach)
     data = make_data(job, device, context_dim=configs["text"]["hidden_size"])
     input_ids = _token_ids(data["prompts"], device)
 
@@ -259,12 +274,12 @@ def build_diffusers(job: Job, device: torch.device) -> tuple[Callable[[], torch.
             )[0]
             loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), MAX_GRAD_NORM)
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), MAX_GRAD_NORM, foreach=foreach)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # the script's default (--set_grads_to_none off)
         return loss
 
-    return step, _sizes(unet, controlnet, vae, text_encoder)
+    return step, [unet, controlnet, vae, text_encoder]
 
 
 def _token_ids(prompts: list[str], device: torch.device) -> torch.Tensor:
@@ -295,13 +310,23 @@ def make_data(job: Job, device: torch.device, context_dim: int) -> dict[str, Any
         "latents": torch.randn((job.batch, 4, latent, latent), generator=generator),
         "context": torch.randn((job.batch, 77, context_dim), generator=generator),
     }
+    # VAE posterior moments (mean, log-variance) as a latent cache stores them; SD's VAE has log-variances near -10
+    data["moments"] = torch.cat([data["latents"], torch.full_like(data["latents"], -10.0)], dim=1)
     data = {key: value.to(device) for key, value in data.items()}
     data["prompts"] = [PROMPT] * job.batch
     return data
 
 
-def _sizes(unet: torch.nn.Module, controlnet: torch.nn.Module, vae: torch.nn.Module, text: torch.nn.Module) -> dict:
+def _building_on(device: torch.device):
+    """Where to create the weights: directly on a GPU (random initialisation there takes seconds, not a minute on
+    the host), on the CPU as usual."""
+    return torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
+
+
+def _sizes(networks: list[torch.nn.Module]) -> dict:
+    """Parameter counts of the (UNet, ControlNet, VAE, text encoder) of a side, and of its trainable part."""
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    unet, controlnet, vae, text = networks
     return {"unet": count(unet), "controlnet": count(controlnet), "vae": count(vae), "text": count(text),
             "trainable": sum(p.numel() for p in controlnet.parameters() if p.requires_grad)}
 
@@ -357,11 +382,78 @@ def count_flops(step: Callable[[], torch.Tensor]) -> int:
     return counter.get_total_flops()
 
 
+class _OperatorCounter(TorchDispatchMode):
+    """Counts the ATen operators of a step as they reach the kernels (below autograd and autocast): on a GPU,
+    about one kernel launch each, so their number is the host's share of a step that the GPU cannot hide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(step: Callable[[], torch.Tensor]) -> int:
+    """ATen operators dispatched by one step: forward, backward (recomputation included) and optimizer."""
+    with _OperatorCounter() as counter:
+        step()
+    return counter.count
+
+
+def _code_of(function: Callable) -> Any:
+    """The code object a hook runs: of a function, a bound method or a functools.partial."""
+    function = getattr(function, "func", function)
+    return getattr(getattr(function, "__func__", function), "__code__", None)
+
+
+def _registered_hooks(networks: Iterable[torch.nn.Module]) -> set:
+    """Code objects of the hooks registered on the networks' modules and parameters, and of global module hooks."""
+    from torch.nn.modules import module as module_globals
+
+    hook_dicts = [getattr(module_globals, name) for name in dir(module_globals) if name.startswith("_global_")
+                  and name.endswith("hooks") and isinstance(getattr(module_globals, name), dict)]
+    for network in networks:
+        for module in network.modules():
+            hook_dicts += [module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                           module._backward_hooks]
+        for parameter in network.parameters():
+            hook_dicts += [hooks for hooks in (parameter._backward_hooks,
+                                               getattr(parameter, "_post_accumulate_grad_hooks", None)) if hooks]
+    return {_code_of(hook) for hooks in hook_dicts for hook in hooks.values()}
+
+
+def count_python_calls(step: Callable[[], torch.Tensor], networks: Iterable[torch.nn.Module]) -> tuple[int, int]:
+    """Python function calls of one step, and how many of them are hooks: module and parameter hooks, and the
+    pack/unpack functions of saved-tensor hooks (gradient checkpointing's included), called per saved tensor."""
+    hooks = _registered_hooks(networks)
+    saved_tensors_hooks_init = torch.autograd.graph.saved_tensors_hooks.__init__.__code__
+    calls = hook_calls = 0
+
+    def profile(frame, event, arg) -> None:
+        nonlocal calls, hook_calls
+        if event != "call":
+            return
+        calls += 1
+        if frame.f_code is saved_tensors_hooks_init:
+            hooks.update(_code_of(frame.f_locals[name]) for name in ("pack_hook", "unpack_hook"))
+        elif frame.f_code in hooks:
+            hook_calls += 1
+
+    sys.setprofile(profile)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return calls, hook_calls
+
+
 def measure(job: Job) -> dict[str, Any]:
     """Build one side, warm up, time `job.steps` steps, then count the FLOPs of one more step."""
     torch.manual_seed(0)
     device = torch.device(job.device)
-    step, sizes = (build_ours if job.side == "ours" else build_diffusers)(job, device)
+    step, networks = (build_ours if job.side == "ours" else build_diffusers)(job, device)
     if job.retains_host_memory:  # from the built model on, as tutorial_train.py
         retain_freed_host_memory()
     for _ in range(job.warmup):
@@ -375,8 +467,12 @@ def measure(job: Job) -> dict[str, Any]:
         _synchronize(device)
         times.append(time.perf_counter() - started)
     peak = peak_memory_bytes(device)
-    flops = count_flops(step) if job.count_flops and not job.compile else None
-    result = {"times": times, "peak_bytes": peak, "flops": flops, "loss": float(loss.detach()), "sizes": sizes}
+    result = {"times": times, "peak_bytes": peak, "loss": float(loss.detach()), "sizes": _sizes(networks),
+              "flops": None, "operators": None, "python_calls": None, "hook_calls": None}
+    if job.count and not job.compile:
+        result["flops"] = count_flops(step)
+        result["operators"] = count_operators(step)
+        result["python_calls"], result["hook_calls"] = count_python_calls(step, networks)
     if device.type == "cuda":  # what the caching allocator held at most (nvidia-smi's view, less the context)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     return result
@@ -416,6 +512,7 @@ VARIANT_OPTIONS = {
     "step-in-backward": {"adamw": "in-backward"},
     "autocast-cache": {"autocast_cache": True},
     "release-host-memory": {"retain_host_memory": False},
+    "latent-cache": {"latent_cache": True},
 }
 
 
@@ -442,15 +539,16 @@ def plan(args: argparse.Namespace) -> list[Job]:
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     jobs = []
     for resolution in args.resolution:
-        for ckpt in checkpointing:
-            base = Job(side="ours", config=args.config, device=args.device, resolution=resolution, batch=args.batch,
-                       precision=args.precision, checkpointing=ckpt, encoders=not args.no_encoders,
-                       steps=args.steps, warmup=args.warmup)
-            jobs += [replace(base, side=side) for side in args.sides]
-            if "diffusers" in args.sides and args.diffusers_retaining_host_memory:
-                jobs.append(replace(base, side="diffusers", retain_host_memory=True))
-            if "ours" in args.sides:
-                jobs += [replace(base, **fields) for fields in our_variants(args)]
+        for batch in args.batch:
+            for ckpt in checkpointing:
+                base = Job(side="ours", config=args.config, device=args.device, resolution=resolution, batch=batch,
+                           precision=args.precision, checkpointing=ckpt, encoders=not args.no_encoders,
+                           steps=args.steps, warmup=args.warmup, gpu_paths=args.gpu_paths, count=not args.no_count)
+                jobs += [replace(base, side=side) for side in args.sides]
+                if "diffusers" in args.sides and args.diffusers_retaining_host_memory:
+                    jobs.append(replace(base, side="diffusers", retain_host_memory=True))
+                if "ours" in args.sides:
+                    jobs += [replace(base, **fields) for fields in our_variants(args)]
     return jobs
 
 
@@ -475,8 +573,8 @@ def run_all(jobs: list[Job], rounds: int) -> dict[Job, dict[str, Any]]:
         for job in jobs if round_index % 2 == 0 else reversed(jobs):
             if "error" in results.get(job, {}):
                 continue
-            counted = job in results  # FLOPs do not change between rounds
-            result = run_worker(replace(job, count_flops=not counted))
+            counted = job in results  # FLOPs, operators and calls do not change between rounds
+            result = run_worker(replace(job, count=job.count and not counted))
             if "error" in result:
                 results[job] = result
                 continue
@@ -495,47 +593,55 @@ def _baseline(job: Job, results: dict[Job, dict[str, Any]]) -> dict[str, Any] | 
     """diffusers at the same resolution and checkpointing setting (its precision, frozen weights as its script)."""
     key = Job(side="diffusers", config=job.config, device=job.device, resolution=job.resolution, batch=job.batch,
               precision=job.precision, checkpointing=job.checkpointing, encoders=job.encoders, steps=job.steps,
-              warmup=job.warmup)
+              warmup=job.warmup, gpu_paths=job.gpu_paths, count=job.count)
     result = results.get(key)
     return None if result is None or "error" in result else result
 
 
-def _flops(job: Job, results: dict[Job, dict[str, Any]]) -> int | None:
-    """Counted FLOPs; a compiled job does the same math as its eager twin, whose count it borrows."""
-    flops = results[job]["flops"]
-    if flops is None and job.compile:
-        flops = results.get(replace(job, compile=False), {}).get("flops")
-    return flops
+def _counted(job: Job, results: dict[Job, dict[str, Any]], name: str) -> int | None:
+    """A count of one step (FLOPs, operators, calls); a compiled job does the same math as its eager twin, whose
+    FLOPs it borrows (what it dispatches is the compiled graph's, not counted)."""
+    count = results[job][name]
+    if count is None and job.compile and name == "flops":
+        count = results.get(replace(job, compile=False), {}).get(name)
+    return count
+
+
+def _thousands(count: int | None) -> str:
+    return "-" if count is None else f"{count / 1000:.1f}k"
 
 
 def format_row(job: Job, results: dict[Job, dict[str, Any]], peaks: dict[torch.dtype | None, float]) -> str:
-    """One table row: time, ratio, samples/s, FLOPs, FLOP/s, share of peak, memory, ratio (or the worker's error)."""
+    """One table row: time, ratio, samples/s, FLOPs per sample, share of peak, operators and Python calls per step,
+    memory, ratio (or the worker's error)."""
     result, baseline = results[job], _baseline(job, results)
+    where = f"{job.resolution}px/{job.resolution // 8} b{job.batch}"
     if "error" in result:
-        return _format_cells([f"{job.resolution}px/{job.resolution // 8}", job.label], WIDTHS[:2]) + \
-            " | failed: " + result["error"]
+        return _format_cells([where, job.label], WIDTHS[:2]) + " | failed: " + result["error"]
     seconds = statistics.median(result["times"])
-    flops = _flops(job, results)
+    flops = _counted(job, results, "flops")
     peak = peaks[job.autocast_dtype]
     ratio = lambda ours, theirs: f"{ours / theirs:.2f}x" if baseline else "-"  # noqa: E731
     cells = [
-        f"{job.resolution}px/{job.resolution // 8}", job.label, f"{seconds:.2f}",
+        where, job.label, f"{seconds:.3f}",
         ratio(seconds, statistics.median(baseline["times"]) if baseline else 1),
-        f"{min(result['times']):.2f}",
+        f"{min(result['times']):.3f}",
         ratio(min(result["times"]), min(baseline["times"]) if baseline else 1),
         f"{job.batch / seconds:.2f}",
-        f"{flops / 1e9:.1f}" if flops else "-",
-        f"{flops / seconds / 1e9:.1f}" if flops else "-",
-        f"{100 * flops / seconds / peak:.0f}%" if flops else "-",
+        f"{flops / job.batch / 1e9:.1f}" if flops else "-",
+        f"{100 * flops / seconds / peak:.1f}%" if flops else "-",
+        _thousands(_counted(job, results, "operators")),
+        _thousands(_counted(job, results, "python_calls")),
+        _thousands(_counted(job, results, "hook_calls")),
         f"{result['peak_bytes'] / GIB:.2f}",
         ratio(result["peak_bytes"], baseline["peak_bytes"] if baseline else 1),
     ]
     return _format_cells(cells)
 
 
-COLUMNS = ("res/latent", "variant", "s/step", "vs diff", "best s", "vs diff", "samples/s", "GFLOP", "GFLOP/s",
-           "% peak", "peak GiB", "vs diff")
-WIDTHS = (11, 62, 7, 7, 7, 7, 9, 7, 7, 6, 8, 7)
+COLUMNS = ("res/latent", "variant", "s/step", "vs diff", "best s", "vs diff", "samples/s", "GFLOP/sample",
+           "MFU", "ops/step", "py calls", "hooks", "peak GiB", "vs diff")
+WIDTHS = (15, 62, 7, 7, 7, 7, 9, 12, 6, 8, 8, 7, 8, 7)
 
 
 def _format_cells(cells: list[str], widths: tuple[int, ...] = WIDTHS) -> str:
@@ -547,7 +653,7 @@ def print_table(args: argparse.Namespace, jobs: list[Job], results: dict[Job, di
                 peaks: dict[torch.dtype | None, float]) -> None:
     """Header (device, versions, command, sizes), the table, and our default against diffusers' default."""
     memory = "peak RSS of the process" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
-    print(f"ControlNet training step: {args.config}, batch {args.batch}, {args.precision}, "
+    print(f"ControlNet training step: {args.config}, batch {', '.join(map(str, args.batch))}, {args.precision}, "
           f"{'with' if not args.no_encoders else 'without'} VAE+text encoding, device {args.device} "
           f"({_device_name(args.device)}, {torch.get_num_threads()} threads)")
     print(f"torch {torch.__version__}, diffusers {importlib.metadata.version('diffusers')}, "
@@ -620,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG} (both sides), for CI")
     parser.add_argument("--sides", type=_sides, default=["ours", "diffusers"], help="comma-separated sides to run")
     parser.add_argument("--resolution", type=int, nargs="+", default=[128, 256], help="image sides in px (latent /8)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, one set of rows each")
     parser.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32", help="precision of both sides")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
@@ -635,6 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ours: add a row with these options (comma-separated): {', '.join(VARIANT_OPTIONS)}")
     parser.add_argument("--diffusers-retaining-host-memory", action="store_true",
                         help="add diffusers rows that keep freed host memory, as ours does on the CPU (like for like)")
+    parser.add_argument("--gpu-paths", action="store_true",
+                        help="take each side's GPU code paths on the CPU too (diffusers' foreach AdamW and clipping), "
+                             "so that the operators counted are those dispatched on a GPU")
+    parser.add_argument("--no-count", action="store_true",
+                        help="skip counting FLOPs, operators and Python calls (one extra step each per row)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process before timing")
     parser.add_argument("--rounds", type=int, default=2, help="processes per row, alternating the order")
@@ -650,7 +761,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(measure(Job(**json.loads(args.worker)))))
         return
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.batch < 1:
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or min(args.batch) < 1:
         parser.error("--steps, --rounds and --batch must be at least 1, --warmup at least 0")
     if any(resolution % 8 for resolution in args.resolution):
         parser.error(f"--resolution values must be multiples of 8 (the VAE factor), got {args.resolution}")

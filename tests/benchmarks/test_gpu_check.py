@@ -1,0 +1,48 @@
+"""The GPU check's plan and arithmetic, without a GPU (the check itself needs one)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from benchmarks import gpu_check
+
+
+def test_batch_four_compares_both_sides_and_the_sweep_runs_each_sides_fastest_setting():
+    at_four, sweep = gpu_check.step_jobs([16, 32], steps=6, warmup=3)
+    assert [(job.side, job.checkpointing, job.label) for job in at_four[:4]] == [
+        ("diffusers", False, "diffusers, ckpt off"),
+        ("ours", False, "ours, ckpt off"),
+        ("ours", False, "ours, ckpt off, frozen bf16, AdamW in backward"),
+        ("ours", False, "ours, ckpt off, frozen bf16, AdamW in backward, latent cache"),
+    ]
+    assert [job.checkpointing for job in at_four[4:]] == [True] * 4
+    assert all(job.batch == 4 and job.resolution == 512 and job.precision == "bf16-mixed" for job in at_four)
+    assert [(job.side, job.batch, job.latent_cache, job.checkpointing) for job in sweep] == [
+        ("diffusers", 16, False, False), ("ours", 16, True, False),
+        ("diffusers", 32, False, False), ("ours", 32, True, False),
+    ]
+    assert not any(job.count for job in sweep)  # the sweep only times
+
+
+def test_the_best_batch_is_the_highest_throughput_among_the_rows_that_ran():
+    _, sweep = gpu_check.step_jobs([16, 32, 64], steps=4, warmup=2)
+    seconds = {16: 0.5, 32: 0.8, 64: 2.0}  # samples/s: 32, 40, 32
+    results = {job: {"times": [seconds[job.batch]]} for job in sweep}
+    results[sweep[-1]] = {"error": "torch.OutOfMemoryError"}  # ours at 64
+    best = gpu_check.best_by_side(sweep, results)
+    assert (best["diffusers"].batch, best["ours"].batch) == (32, 32)
+
+
+def test_steady_throughput_is_taken_from_the_second_half_of_the_logged_steps(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    with metrics.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train/time", "train/samples", "train/loss"])
+        writer.writerow([0, "", "", 1.0])  # other metrics' rows have no throughput
+        for step in range(10):  # a slow first step (warm-up), then 0.5 s per batch of 4
+            writer.writerow([step, 5.0 + 0.5 * step, 4 * (step + 1), ""])
+    assert gpu_check.steady_samples_per_second(metrics) == pytest.approx(8.0)
+    metrics.write_text("step,train/time,train/samples\n0,1.0,4\n")
+    with pytest.raises(RuntimeError, match="fewer than 4 steps"):
+        gpu_check.steady_samples_per_second(metrics)
