@@ -82,6 +82,7 @@ class Job:
     # operators counted here are those the side dispatches on a GPU.
     gpu_paths: bool = False
     count: bool = True  # count FLOPs, dispatched operators and Python calls of one extra step
+    profile: bool = False  # profile one extra step (torch.profiler): kernels, device time, top operators
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -449,6 +450,27 @@ def count_python_calls(step: Callable[[], torch.Tensor], networks: Iterable[torc
     return calls, hook_calls
 
 
+def profile_step(step: Callable[[], torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """One step under torch.profiler: its wall time, the device's busy time and kernel launches, and the table of
+    operators by host time (where a launch-bound step spends it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        step()
+        _synchronize(device)
+    wall = time.perf_counter() - started
+    events = profiler.key_averages()
+    on_device = [event for event in events if event.device_type != torch.autograd.DeviceType.CPU]
+    return {
+        "wall_seconds": wall,
+        "device_seconds": sum(event.self_device_time_total for event in on_device) / 1e6,
+        "kernels": sum(event.count for event in on_device),
+        "table": events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
+    }
+
+
 def measure(job: Job) -> dict[str, Any]:
     """Build one side, warm up, time `job.steps` steps, then count the FLOPs of one more step."""
     torch.manual_seed(0)
@@ -469,6 +491,8 @@ def measure(job: Job) -> dict[str, Any]:
     peak = peak_memory_bytes(device)
     result = {"times": times, "peak_bytes": peak, "loss": float(loss.detach()), "sizes": _sizes(networks),
               "flops": None, "operators": None, "python_calls": None, "hook_calls": None}
+    if job.profile:
+        result["profile"] = profile_step(step, device)
     if job.count and not job.compile:
         result["flops"] = count_flops(step)
         result["operators"] = count_operators(step)

@@ -45,7 +45,7 @@ def step_jobs(batch_sizes: list[int], steps: int, warmup: int) -> tuple[list[Job
                checkpointing=False, encoders=True, steps=steps, warmup=warmup)
     at_four = []
     for checkpointing in (False, True):
-        row = replace(base, checkpointing=checkpointing)
+        row = replace(base, checkpointing=checkpointing, profile=not checkpointing)
         at_four += [replace(row, side="diffusers"), row, replace(row, **LEAN), replace(row, **LEAN, latent_cache=True)]
     sweep = []
     for batch in batch_sizes:
@@ -67,6 +67,20 @@ def best_by_side(jobs: list[Job], results: dict) -> dict[str, Job]:
 
 def samples_per_second(job: Job, results: dict) -> float:
     return job.batch / statistics.median(results[job]["times"])
+
+
+def write_profiles(jobs: list[Job], results: dict, out: Path) -> list[str]:
+    """Each profiled step's operator table into `out`; one line per step: wall time, device busy time, kernels."""
+    lines = []
+    for job in jobs:
+        profile = results[job].get("profile")
+        if profile is None:
+            continue
+        name = "profile_" + "".join(c if c.isalnum() else "_" for c in job.label) + ".txt"
+        (out / name).write_text(profile["table"])
+        lines.append(f"profiled step, {job.label}, batch {job.batch}: {profile['wall_seconds']:.3f} s wall, GPU busy "
+                     f"{profile['device_seconds']:.3f} s, {profile['kernels']} kernels ({name})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{run['peak_gib']:.2f} (nvidia-smi)"])
     print_table(rows)
     print(f"batch sweep, samples/s: {swept}")
+    for line in write_profiles(at_four, results, args.out):
+        print(line)
     return 0
 
 

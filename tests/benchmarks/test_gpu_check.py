@@ -22,7 +22,8 @@ def test_batch_four_compares_both_sides_and_the_sweep_runs_each_sides_fastest_se
         ("diffusers", 16, False, False), ("ours", 16, True, False),
         ("diffusers", 32, False, False), ("ours", 32, True, False),
     ]
-    assert not any(job.count for job in sweep)  # the sweep only times
+    assert not any(job.count or job.profile for job in sweep)  # the sweep only times
+    assert [job.profile for job in at_four] == [True] * 4 + [False] * 4  # one profiled step per row without ckpt
 
 
 def test_the_best_batch_is_the_highest_throughput_among_the_rows_that_ran():
