@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cldm.checkpoint_io import PathLike, atomic_write, check_output_path
+from cldm.checkpoints.atomic import atomic_write
+from cldm.checkpoints.paths import check_output_path
+from ldm.checkpoint import PathLike
 from cldm.cli import add_debug_argument, run
 from cldm.sampling import (
     DEFAULT_A_PROMPT,

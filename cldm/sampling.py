@@ -13,14 +13,8 @@ import torch
 from einops import rearrange
 from pytorch_lightning import seed_everything
 
-from cldm.checkpoint_io import (
-    BASE_MODEL_DESCRIPTIONS,
-    CONTROL_PREFIX,
-    PathLike,
-    check_input_path,
-    detect_base_model,
-    read_state_dict,
-)
+from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, CONTROL_PREFIX, detect_base_model
+from ldm.checkpoint import PathLike, check_input_path, read_state_dict
 from cldm.ddim_hacked import DDIMSampler
 from cldm.model import check_config_path, create_model, load_weights
 

@@ -34,22 +34,20 @@ import tool_sample
 import tool_transfer_control
 import tutorial_train
 import tutorial_train_dist
-from cldm import checkpoint_io
-from cldm.checkpoint_io import save_state_dict
+from ldm import checkpoint as checkpoint_io
+from cldm.checkpoints.saving import save_state_dict
 from cldm.cli import run
 from cldm.model import create_model
 from cldm.sampling import prepare_hint
-from cldm.training import check_dataset
-from tool_make_random_sd import random_base_state_dict
-from tutorial_dataset import MyDataset
+from cldm.training.job import check_dataset
+from cldm.checkpoints.random_weights import random_base_state_dict
+from cldm.data.dataset import MyDataset
 
-_HELPERS = str(Path(__file__).resolve().parent / "helpers")  # test-only modules, also config targets
-if _HELPERS not in sys.path:
-    sys.path.insert(0, _HELPERS)
-from tiny_training import TINY_CONFIG, make_data, make_initial_weights  # noqa: E402
+from tiny_training import TINY_CONFIG, make_data, make_initial_weights
+from tests.helpers.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-CATALOGUE = REPO / "docs" / "bad_inputs.md"
+
+CATALOGUE = REPO_ROOT / "docs" / "bad_inputs.md"
 TINY = str(TINY_CONFIG)
 
 # Key names that make a state dict look like a given model (see detect_base_model).

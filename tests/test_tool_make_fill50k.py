@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageColor
 
 import tool_make_fill50k
-from cldm import fill50k
-from cldm.fill50k import NAMED_COLOURS, generate_fill50k, sample_item
+from cldm.data import fill50k
+from cldm.data.fill50k import NAMED_COLOURS, generate_fill50k, sample_item
 
 COUNT, SIZE, SEED = 12, 64, 0
 PROMPT_PATTERN = re.compile(r"^([a-z ]+) circle with ([a-z ]+) background$")

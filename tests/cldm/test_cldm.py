@@ -11,16 +11,13 @@ from omegaconf import OmegaConf
 from cldm.cldm import ControlLDM, control_scales_for
 from cldm.model import create_model
 from ldm.util import instantiate_from_config
-
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures"
-TINY_CONFIG = REPO / "models" / "cldm_tiny.yaml"
+from tests.helpers.paths import FIXTURES, REPO_ROOT, TINY_CONFIG
 
 
 @pytest.mark.parametrize("version", ["v15", "v21"])
 def test_full_model_state_dict_equals_original_layout(version):
     expected = json.loads((FIXTURES / f"keys_cldm_{version}.json").read_text())
-    config = OmegaConf.load(REPO / "models" / f"cldm_{version}.yaml")
+    config = OmegaConf.load(REPO_ROOT / "models" / f"cldm_{version}.yaml")
     with torch.device("meta"):  # full size, no memory
         model = instantiate_from_config(config.model)
     got = {key: [list(value.shape), str(value.dtype).removeprefix("torch.")] for key, value in model.state_dict().items()}

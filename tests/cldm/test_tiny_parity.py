@@ -14,8 +14,9 @@ import torch
 
 from cldm.model import create_model
 from ldm.models.diffusion.ddim import DDIMSampler
+from tests.helpers.paths import PARITY_DIR
 
-PARITY_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_parity"
+
 TOLERANCE = 1e-5
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cldm.surgery import add_control, control_source_key, transfer_control
+from cldm.checkpoints.surgery import add_control, control_source_key, transfer_control
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:

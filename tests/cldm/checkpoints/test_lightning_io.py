@@ -1,4 +1,4 @@
-"""AtomicCheckpointIO (Lightning's checkpoint plugin) and the crash-safety helpers of cldm.checkpoint_io."""
+"""AtomicCheckpointIO (Lightning's checkpoint plugin) and the crash-safety helpers of cldm.checkpoints.atomic."""
 from __future__ import annotations
 
 import errno
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cldm import checkpoint_io
-from cldm.atomic_checkpoint_io import AtomicCheckpointIO
-from cldm.checkpoint_io import atomic_path, atomic_write, read_checkpoint, stale_temporary_files
+from cldm.checkpoints import atomic as checkpoint_io
+from cldm.checkpoints.lightning_io import AtomicCheckpointIO
+from cldm.checkpoints.atomic import atomic_path, atomic_write, stale_temporary_files
+from ldm.checkpoint import read_checkpoint
 
 TRAINING_CHECKPOINT = {"state_dict": {"w": torch.arange(4.0)}, "global_step": 7, "epoch": 1,
                        "loops": {"fit_loop": {"epoch_progress": {"total": {"completed": 1}}}},
@@ -40,7 +41,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch
         Path(target).write_bytes(before[: len(before) // 2])
         raise error
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", fail_halfway)
+    monkeypatch.setattr(torch, "save", fail_halfway)
     with pytest.raises(type(error)):
         plugin.save_checkpoint({**TRAINING_CHECKPOINT, "global_step": 8}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.ckpt"]

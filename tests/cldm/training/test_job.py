@@ -16,11 +16,12 @@ import tool_make_fill50k
 import tutorial_train
 from cldm.cli import run
 from cldm.model import create_model, load_state_dict, load_weights
-from cldm.surgery import add_control
-from tool_make_random_sd import random_base_state_dict
+from cldm.checkpoints.surgery import add_control
+from cldm.checkpoints.random_weights import random_base_state_dict
+from tests.helpers.paths import REPO_ROOT, TINY_CONFIG as TINY_CONFIG_PATH
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = str(REPO / "models" / "cldm_tiny.yaml")
+
+TINY_CONFIG = str(TINY_CONFIG_PATH)
 IMAGE_NAME = re.compile(r"^(reconstruction|control|conditioning|samples_cfg_scale_9\.00)_gs-\d{6}_e-\d{6}_b-\d{6}\.png$")
 
 
@@ -87,6 +88,7 @@ def test_training_writes_images_metrics_and_a_strictly_loadable_checkpoint(initi
     load_weights(model, load_state_dict(root / "checkpoints" / "last.ckpt"), source="last.ckpt")
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(initial_weights, data20, tmp_path):
     # 20 samples / batch 4: the first run stops at an epoch boundary. (A run stopped by --max_steps in the
     # middle of an epoch counts that epoch as finished in Lightning and resumes with the next one; runs
@@ -107,6 +109,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(initial_weights
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_optimizer_in_backward_trains_and_checkpoints_like_adamw(initial_weights, data20, tmp_path):
     common = ("--max_steps", "5", "--logger_freq", "1000", "--checkpoint_every_n_steps", "5")
     assert tutorial_train.main(_args(initial_weights, data20, tmp_path / "adamw", *common)) == 0
@@ -157,6 +160,7 @@ def test_float32_matmul_precision_flag_sets_torch_and_defaults_to_true_float32(i
         torch.set_float32_matmul_precision("highest")
 
 
+@pytest.mark.slow
 def test_overfitting_one_batch_trains_only_the_control_branch(initial_weights):
     model = create_model(TINY_CONFIG)
     load_weights(model, load_state_dict(initial_weights), source=str(initial_weights))
@@ -221,10 +225,11 @@ def test_bad_inputs_give_one_clear_sentence_and_write_nothing(initial_weights, d
 
 def _run_script(script: str, argv: list[str], env_path: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": env_path}
-    return subprocess.run([sys.executable, str(REPO / script), *argv], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *argv], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     """One step of 2 gloo ranks x batch 1 == one process x batch 2, with per-sample noise and timesteps.
 
@@ -241,7 +246,7 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     config.model.target = "seeded_controlldm.PerSampleNoiseControlLDM"
     config_path = tmp_path / "seeded_tiny64.yaml"
     OmegaConf.save(config, config_path)
-    env_path = os.pathsep.join([str(REPO), str(REPO / "tests" / "helpers")])
+    env_path = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests" / "helpers")])
     common = ["--config", str(config_path), "--resume_path", str(initial_weights), "--data_root", str(data),
               "--accelerator", "cpu", "--max_steps", "1", "--log_max_images", "0", "--learning_rate", "1e-4",
               "--seed", "5"]
@@ -262,7 +267,8 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
 
 
 def test_dataloader_workers_default_to_none_on_cpu_and_some_per_gpu(monkeypatch):
-    from cldm.training import MAX_GPU_WORKERS, default_num_workers
+    from cldm.training.arguments import MAX_GPU_WORKERS
+    from cldm.training.job import default_num_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert default_num_workers(on_gpu=False, devices=1) == 0
@@ -273,7 +279,7 @@ def test_dataloader_workers_default_to_none_on_cpu_and_some_per_gpu(monkeypatch)
 
 
 def test_freed_host_memory_is_retained_by_default_on_cpu_only(monkeypatch):
-    from cldm.training import SINGLE_DEVICE_DEFAULTS, build_parser, retains_host_memory
+    from cldm.training.arguments import SINGLE_DEVICE_DEFAULTS, build_parser, retains_host_memory
 
     parse = build_parser(SINGLE_DEVICE_DEFAULTS, "train").parse_args
     assert retains_host_memory(parse(["--accelerator", "cpu"]))

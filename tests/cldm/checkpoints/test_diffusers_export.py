@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cldm.cldm import ControlNet
-from cldm.diffusers_export import (
+from cldm.checkpoints.diffusers_export import (
     check_against_diffusers,
     diffusers_config,
     diffusers_module_names,
@@ -16,8 +16,7 @@ from cldm.diffusers_export import (
 )
 from tests.helpers.random_weights import control_params as read_control_params
 from tests.helpers.random_weights import random_control_net
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO_ROOT
 
 
 def control_params(name: str) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 import tutorial_dataset_test
 from benchmarks import bench_dataset
-from cldm.data_order import ResumableRandomSampler, Visit
-from cldm.fill50k import generate_fill50k
+from cldm.data.data_order import ResumableRandomSampler, Visit
+from cldm.data.fill50k import generate_fill50k
 from tutorial_dataset import MyDataset
 
 SIZE = 64

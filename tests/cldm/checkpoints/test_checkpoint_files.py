@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from cldm import checkpoint_io
-from cldm.checkpoint_io import (
-    atomic_path,
-    atomic_write,
-    check_output_path,
-    checkpoint_format,
-    describe_key_mismatch,
-    detect_base_model,
-    detect_path_kind,
-    read_state_dict,
-    save_state_dict,
-)
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+from cldm.checkpoints import saving
+from cldm.checkpoints.atomic import atomic_path, atomic_write
+from cldm.checkpoints.kinds import describe_key_mismatch, detect_base_model
+from cldm.checkpoints.paths import check_output_path, checkpoint_format
+from cldm.checkpoints.saving import save_state_dict
+from ldm.checkpoint import detect_path_kind, read_state_dict
+from tests.helpers.paths import FIXTURES
 
 
 def _sample_state_dict() -> dict[str, torch.Tensor]:
@@ -203,9 +196,9 @@ def _half_then_fail(error: BaseException):
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_failed_save_leaves_no_file(tmp_path: Path, monkeypatch, name: str, writer: str, error) -> None:
     if writer == "torch.save":
-        monkeypatch.setattr(checkpoint_io.torch, "save", _half_then_fail(error))
+        monkeypatch.setattr(saving.torch, "save", _half_then_fail(error))
     else:
-        monkeypatch.setattr(checkpoint_io, "save_file", _half_then_fail(error))
+        monkeypatch.setattr(saving, "save_file", _half_then_fail(error))
     with pytest.raises(type(error)):
         save_state_dict(_sample_state_dict(), tmp_path / name)
     assert os.listdir(tmp_path) == []

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO_ROOT
+
 # A training step in miniature, repeated: tensors of 64, 4, 56 and 16 MiB (two above glibc's largest mmap
 # threshold, 32 MiB) allocated, filled and freed. Prints the page faults and the resident MiB after each
 # repetition. Runs in a fresh process, since the setting lasts for the process.
 PROBE = """
 import json, resource, sys, torch
-from cldm.host_memory import retain_freed_host_memory
+from cldm.training.host_memory import retain_freed_host_memory
+
 if sys.argv[1] == "retain":
     assert retain_freed_host_memory()
 def step():
@@ -34,6 +36,7 @@ def _steps(mode: str) -> list[tuple[int, float]]:
     return json.loads(process.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_large_blocks_are_reused_without_page_faults_or_growth():
     released, retained = _steps("release"), _steps("retain")
@@ -43,7 +46,7 @@ def test_freed_large_blocks_are_reused_without_page_faults_or_growth():
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
-    from cldm import host_memory
+    from cldm.training import host_memory
 
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert host_memory.retain_freed_host_memory() is False

@@ -13,14 +13,11 @@ import torch
 import tool_export_diffusers
 import tool_extract_control
 import tutorial_train
-from cldm.callbacks import NonFiniteLossError, NonFiniteLossGuard
-from cldm.checkpoint_io import read_checkpoint
+from cldm.training.callbacks import NonFiniteLossError, NonFiniteLossGuard
+from ldm.checkpoint import read_checkpoint
 from cldm.cli import run
 
-_HELPERS = str(Path(__file__).resolve().parent / "helpers")  # test-only modules, also config targets
-if _HELPERS not in sys.path:
-    sys.path.insert(0, _HELPERS)
-from tiny_training import (  # noqa: E402
+from tiny_training import (
     TINY_CONFIG, config_with_model, make_data, make_initial_weights, train_args)
 
 
@@ -78,7 +75,7 @@ def test_skip_nonfinite_skips_the_step_and_trains_on(setup, caplog) -> None:
     config = config_with_model(setup["tmp"], "faulty_controlldm.NonFiniteLossControlLDM", nan_loss_steps=[2],
                                nan_grad_steps=[3])
     root = setup["tmp"] / "skip"
-    with caplog.at_level(logging.WARNING, logger="cldm.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="cldm.training.callbacks"):
         code = _train(setup, root, "--max_steps", "5", "--checkpoint_every_n_steps", "1", "--keep_last_k", "10",
                       "--logger_freq", "100", "--skip_nonfinite", config=config)
     assert code == 0
@@ -150,10 +147,10 @@ def test_training_checkpoints_convert_and_export(setup, never_logged, tmp_path) 
 def test_the_loss_is_checked_before_backward_only_when_backward_updates_the_weights(tmp_path, optimizer_in_backward):
     """With the optimizer in backward a NaN loss must stop before backward; otherwise one check before the step
     covers loss and gradients (one host sync per step)."""
-    guard = NonFiniteLossGuard(tmp_path)
+    guard = NonFiniteLossGuard(tmp_path, check_before_backward=optimizer_in_backward)
     trainer = SimpleNamespace(global_step=4, precision_plugin=None,
                               strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
-    module = SimpleNamespace(optimizer_in_backward=optimizer_in_backward)
+    module = SimpleNamespace()
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
     if optimizer_in_backward:
         with pytest.raises(NonFiniteLossError, match="the loss became nan at step 4"):

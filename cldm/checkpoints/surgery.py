@@ -5,7 +5,7 @@ from collections.abc import Mapping
 
 import torch
 
-from cldm.checkpoint_io import CONTROL_PREFIX, UNET_PREFIX
+from cldm.checkpoints.kinds import CONTROL_PREFIX, UNET_PREFIX
 
 # Parts of a ControlLDM that tool_transfer_control takes whole from the fine-tuned model (VAE, text encoder).
 FINETUNED_STAGE_PREFIXES = ("first_stage_model", "cond_stage_model")

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cldm.checkpoint_io import read_checkpoint, stale_temporary_files
+from cldm.checkpoints.atomic import stale_temporary_files
+from ldm.checkpoint import read_checkpoint
 
-_HELPERS = str(Path(__file__).resolve().parent / "helpers")  # test-only modules, also config targets
-if _HELPERS not in sys.path:
-    sys.path.insert(0, _HELPERS)
-from tiny_training import HELPERS, REPO, make_data, make_initial_weights, subprocess_env, train_args  # noqa: E402
+from tiny_training import HELPERS, REPO_ROOT, make_data, make_initial_weights, subprocess_env, train_args
+
+pytestmark = pytest.mark.slow  # every test shares the set-up of killed and resumed training runs
 
 MAX_STEPS = 8
 # 8 items at batch 2: 4 batches per epoch. Checkpoints every 2 steps; grids at batch_idx 0 and 3 (steps 1, 4, 5, 8).
@@ -48,7 +48,7 @@ class Interrupted:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
 
 
@@ -71,8 +71,8 @@ def runs(tmp_path_factory) -> dict:
     started = time.perf_counter()
     reference_root = tmp / "reference"
     reference = subprocess.Popen(
-        [sys.executable, str(REPO / "tutorial_train.py"), *train_args(initial, data, reference_root, *COMMON)],
-        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, str(REPO_ROOT / "tutorial_train.py"), *train_args(initial, data, reference_root, *COMMON)],
+        cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     root = tmp / "interrupted"
     checkpoints = root / "checkpoints"
@@ -85,7 +85,7 @@ def runs(tmp_path_factory) -> dict:
         interrupted.append(Interrupted(where, signal_name, result.returncode, result.stdout + result.stderr,
                                        _loadable_checkpoints(checkpoints),
                                        [path.name for path in stale_temporary_files(checkpoints)]))
-    final = _run([str(REPO / "tutorial_train.py"),
+    final = _run([str(REPO_ROOT / "tutorial_train.py"),
                   *train_args(initial, data, root, *COMMON, "--resume_from_checkpoint", "last")])
     reference_output = reference.communicate(timeout=TIMEOUT_S)[0]
     return dict(reference=(reference.returncode, reference_output, reference_root), final=final, root=root,

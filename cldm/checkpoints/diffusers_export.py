@@ -1,22 +1,37 @@
 """Our ControlNet in diffusers' layout: `ControlNetModel` config.json values and state-dict key names.
 
-Pure mappings, no diffusers import: `diffusers_config` turns the `ControlNet` constructor arguments (the
+The mappings need no diffusers import: `diffusers_config` turns the `ControlNet` constructor arguments (the
 `control_stage_config.params` of a yaml file) into the config of an equivalent `diffusers.ControlNetModel`,
 and `to_diffusers_state_dict` renames a `ControlNet.state_dict()` to that model's keys. The tensors are the same:
 diffusers' blocks compute what ours compute (cos-then-sin timestep embedding, GroupNorm(32) with eps 1e-5 in
-the ResBlocks, the same spatial transformer), so no weight is reshaped.
+the ResBlocks, the same spatial transformer), so no weight is reshaped. `export_diffusers` writes the model folder
+(what tool_export_diffusers.py runs).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
+import json
+import logging
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
-from cldm.cldm import ControlNet
+from cldm.checkpoints.atomic import atomic_path
+from cldm.checkpoints.extraction import check_control_weights, extract_control, to_half
+from cldm.checkpoints.kinds import CONTROL_PREFIX
+from cldm.checkpoints.paths import check_output_path
+from cldm.checkpoints.saving import save_state_dict
+from cldm.model import check_config_path, key_mismatch, read_control_stage_config
+from ldm.checkpoint import PathLike, check_input_path, read_state_dict
+from ldm.modules.diffusionmodules.openaimodel import UNetConfig
+
+logger = logging.getLogger(__name__)
 
 DIFFUSERS_CLASS_NAME = "ControlNetModel"
 CONFIG_NAME = "config.json"
@@ -56,14 +71,15 @@ _REQUIRED_VALUES = {
 
 def _control_net_arguments(params: Mapping[str, Any]) -> dict[str, Any]:
     """All `ControlNet.__init__` arguments (given or default); ValueError for unknown or unsupported ones."""
-    signature = inspect.signature(ControlNet.__init__)
-    try:
-        bound = signature.bind(None, **dict(params))
-    except TypeError as error:
-        raise ValueError(f"the ControlNet parameters do not fit ControlNet's constructor: {error}") from error
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    del arguments["self"]
+    fields = {field.name: field for field in dataclasses.fields(UNetConfig)}
+    required = ["hint_channels"] + [name for name, field in fields.items() if field.default is dataclasses.MISSING]
+    unknown = [name for name in params if name not in fields and name != "hint_channels"]
+    missing = [name for name in required if name not in params]
+    if unknown or missing:
+        problem = f"unknown {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
+        raise ValueError(f"the ControlNet parameters do not fit ControlNet's constructor: {problem}")
+    defaults = {name: field.default for name, field in fields.items() if field.default is not dataclasses.MISSING}
+    arguments = {**defaults, **params}
     for name, required in _REQUIRED_VALUES.items():
         if arguments[name] != required:
             raise ValueError(
@@ -245,13 +261,53 @@ def check_against_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapp
     diffusers = import_diffusers()
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         expected = diffusers.ControlNetModel.from_config(dict(config)).state_dict()
-    problems = [f"missing {key}" for key in expected if key not in state_dict]
-    problems += [f"unexpected {key}" for key in state_dict if key not in expected]
-    problems += [
-        f"{key} {list(tensor.shape)} vs {list(expected[key].shape)}"
-        for key, tensor in state_dict.items()
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape)
-    ]
+    missing, unexpected, mismatched = key_mismatch(expected, state_dict)
+    problems = [f"missing {key}" for key in missing] + [f"unexpected {key}" for key in unexpected]
+    problems += [f"{key} {list(got)} vs {list(want)}" for key, got, want in mismatched]
     if problems:
         shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
         raise ValueError(f"the converted weights do not fit diffusers' ControlNetModel ({len(problems)}: {shown})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model folder
+# ---------------------------------------------------------------------------------------------
+
+
+def check_replaceable_folder(path: PathLike) -> None:
+    """Refuse to replace a non-empty folder that holds no config.json: it is not a model folder."""
+    target = Path(path)
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+        raise FileExistsError(f"output folder '{path}' is not empty and holds no {CONFIG_NAME}; it is not a "
+                              "model folder, so it is not replaced even with --overwrite")
+
+
+def export_diffusers(input_path: PathLike, output_dir: PathLike, config_path: PathLike, half: bool = False,
+                     overwrite: bool = False) -> None:
+    """Convert the control weights of the checkpoint `input_path` (checked against the ControlNet of
+    `config_path`) and write them with their config.json as the diffusers model folder `output_dir`."""
+    start = time.perf_counter()
+    # 1. cheap checks before reading the checkpoint
+    diffusers = import_diffusers()
+    check_input_path(input_path, role="input checkpoint")
+    check_config_path(config_path)
+    check_output_path(output_dir, overwrite=overwrite, folder=True)
+    check_replaceable_folder(output_dir)
+    params = OmegaConf.to_container(read_control_stage_config(config_path).get("params", {}), resolve=True)
+    config = {**diffusers_config(params), "_diffusers_version": diffusers.__version__}
+
+    # 2. the control weights, checked against our ControlNet, renamed and checked against diffusers'
+    control = extract_control(read_state_dict(input_path))
+    check_control_weights(control, config_path, input_path)
+    weights = to_diffusers_state_dict({key.removeprefix(CONTROL_PREFIX): t for key, t in control.items()}, params)
+    check_against_diffusers(weights, config)
+    if half:
+        weights = to_half(weights)
+
+    # 3. write config.json and the weights into a temporary folder that becomes the output
+    with atomic_path(output_dir, folder=True) as folder:
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_state_dict(weights, folder / WEIGHTS_NAME)
+    logger.info("Saved %d tensors to %s in %.1f s; load it with diffusers.ControlNetModel.from_pretrained(%r).",
+                len(weights), output_dir, time.perf_counter() - start, str(output_dir))
+

@@ -1,18 +1,19 @@
 """Speed and memory settings for ControlLDM training: memory format, frozen-weight storage, weight casts under
-autocast, compilation, AdamW.
+autocast, compilation.
 
-Each function changes one thing, explicitly, on a model the caller built. All are opt-in but
-`recomputed_weight_casts`, which ControlLDM uses under autocast (it changes memory, not results).
+Each function changes one thing, explicitly, on a model the caller built; the model's code does not know about
+them. All are opt-in but the recomputed weight casts, which change memory, not results.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +23,6 @@ logger = logging.getLogger(__name__)
 # (GroupNorm32 feeds them float32), while a half input with float32 weights is supported everywhere.
 HALF_STORABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
 FROZEN_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Gradients gathered before AdamWInBackward updates them in one call (a fused call per parameter costs ~1 ms on
-# a CPU).
-DEFAULT_BUCKET_BYTES = 64 * 2**20
-# Device types with a fused AdamW kernel in PyTorch >= 2.4.
-FUSED_ADAMW_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
 
 # ---------------------------------------------------------------------------------------------
 # Memory format and storage precision
@@ -134,6 +130,36 @@ def recomputed_weight_casts() -> torch.autograd.graph.saved_tensors_hooks:
     return torch.autograd.graph.saved_tensors_hooks(_pack_weight_cast, _unpack_weight_cast)
 
 
+def _autocast_training(module: nn.Module) -> bool:
+    """Whether a forward pass of `module` now runs under autocast with autograd recording."""
+    device_type = next(module.parameters()).device.type
+    return torch.is_grad_enabled() and torch.is_autocast_enabled(device_type)
+
+
+def recompute_weight_casts_in(networks: Iterable[nn.Module]) -> list[RemovableHandle]:
+    """Run the forward of each of `networks` under `recomputed_weight_casts` whenever it runs under autocast with
+    autograd recording; returns the hook handles.
+
+    The saved-tensor hooks see every tensor saved for backward, so install them only on the networks with
+    trainable weights: the ControlNet, and the UNet when its decoder trains.
+    """
+    handles = []
+    for network in networks:
+        entered: list[contextlib.AbstractContextManager] = []
+
+        def enter(module: nn.Module, args: tuple, entered: list = entered) -> None:
+            hooks = recomputed_weight_casts() if _autocast_training(module) else contextlib.nullcontext()
+            hooks.__enter__()
+            entered.append(hooks)
+
+        def leave(module: nn.Module, args: tuple, output: object, entered: list = entered) -> None:
+            entered.pop().__exit__(None, None, None)
+
+        handles.append(network.register_forward_pre_hook(enter))
+        handles.append(network.register_forward_hook(leave, always_call=True))
+    return handles
+
+
 # ---------------------------------------------------------------------------------------------
 # Compilation
 # ---------------------------------------------------------------------------------------------
@@ -149,10 +175,17 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str = "ind
     return model
 
 
+def trainable_networks(model: nn.Module) -> list[nn.Module]:
+    """The ControlNet, and the UNet when its decoder trains (`sd_locked` False)."""
+    return [model.control_model] + ([] if model.sd_locked else [model.model.diffusion_model])
+
+
 def apply_speed_options(model: nn.Module, frozen_dtype: torch.dtype = torch.float32, channels_last: bool = False,
                         compile: bool = False) -> nn.Module:
-    """Apply the opt-in settings above to a ControlLDM whose `sd_locked` is set, in the order they need: frozen
-    storage first (it picks layers by `requires_grad`), then memory format, then compilation of the result."""
+    """Install the recomputed weight casts on the trainable networks and apply the opt-in settings above, in the
+    order they need: frozen storage first (it picks layers by `requires_grad`), then memory format, then
+    compilation of the result."""
+    recompute_weight_casts_in(trainable_networks(model))
     if frozen_dtype != torch.float32:
         store_frozen_weights_in(model, frozen_dtype)
     if channels_last:
@@ -162,94 +195,3 @@ def apply_speed_options(model: nn.Module, frozen_dtype: torch.dtype = torch.floa
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimizer
-# ---------------------------------------------------------------------------------------------
-
-
-def fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
-    """Whether PyTorch's fused AdamW kernel accepts every parameter (dense floating point on a supported device)."""
-    params = list(params)
-    return bool(params) and all(
-        p.is_floating_point() and not p.is_sparse and p.device.type in FUSED_ADAMW_DEVICE_TYPES for p in params
-    )
-
-
-def make_optimizer(params: Iterable[nn.Parameter], lr: float, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW with PyTorch's default hyper-parameters (the original's), as one fused kernel when possible.
-
-    Args:
-        params: the trainable parameters.
-        lr: learning rate.
-        fused: True for the fused kernel, False for PyTorch's default implementation (multi-tensor `foreach` on
-            GPUs, a per-parameter loop on CPU), None for fused whenever every parameter supports it.
-    """
-    params = list(params)
-    if not params:
-        raise ValueError("make_optimizer got no parameters; check that the ControlNet parameters require grad")
-    return torch.optim.AdamW(params, lr=lr, fused=_use_fused(params, fused))
-
-
-def _use_fused(params: list[nn.Parameter], fused: bool | None) -> bool:
-    """`fused`, or whether every parameter supports the fused kernel when it is None; refuses an impossible True."""
-    supported = fused_adamw_supported(params)
-    if fused and not supported:
-        raise ValueError(
-            f"fused AdamW needs dense floating-point parameters on one of {FUSED_ADAMW_DEVICE_TYPES}; pass fused=None"
-        )
-    return supported if fused is None else fused
-
-
-class AdamWInBackward(torch.optim.AdamW):
-    """AdamW whose update runs inside backward: parameters step as soon as their gradients are complete.
-
-    Gradients are gathered into buckets of about `bucket_bytes` as backward completes them; each full bucket is
-    updated by one fused AdamW call and its gradients freed, so the gradients of all trainable parameters never
-    exist at once (1.35 GiB for the SD1.5 ControlNet in float32; a bucket is 64 MiB). The update, the state and
-    `state_dict()` equal plain `AdamW`'s, so checkpoints resume either way. `step(closure)` runs the closure
-    (forward and backward) and then updates what is left, so Lightning's automatic optimization drives it as any
-    optimizer. Each backward is one optimizer step, so gradient accumulation, gradient clipping, fp16 loss
-    scaling and DDP (whose all-reduce comes after the gradient hooks) cannot be combined with it.
-    """
-
-    def __init__(self, params: Iterable[nn.Parameter], lr: float, fused: bool | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-        params = list(params)
-        if not params or not all(p.requires_grad for p in params):
-            raise ValueError("AdamWInBackward needs a non-empty list of parameters that all require grad")
-        super().__init__(params, lr=lr, fused=_use_fused(params, fused))
-        self.bucket_bytes = bucket_bytes
-        self._ready: list[torch.Tensor] = []
-        self._ready_bytes = 0
-        self._hooks = [param.register_post_accumulate_grad_hook(self._gradient_ready) for param in params]
-
-    def _gradient_ready(self, param: torch.Tensor) -> None:
-        self._ready.append(param)
-        self._ready_bytes += param.grad.numel() * param.grad.element_size()
-        if self._ready_bytes >= self.bucket_bytes:
-            self._update_ready()
-
-    def _update_ready(self) -> None:
-        # Only the ready parameters have gradients (each bucket frees its own after its update), so AdamW's step,
-        # which skips parameters without a gradient, updates exactly them.
-        if self._ready:
-            super().step()
-        for param in self._ready:
-            param.grad = None
-        self._ready, self._ready_bytes = [], 0
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Run `closure` (forward and backward: most updates happen there), then update the parameters still
-        waiting in a partly filled bucket; returns the closure's result."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._update_ready()
-        return loss
-
-    def remove_hooks(self) -> None:
-        """Detach the gradient hooks; gradients then accumulate as usual and this optimizer no longer updates."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from cldm.checkpoint_io import PathLike, atomic_path, read_checkpoint
+from cldm.checkpoints.atomic import atomic_path
+from ldm.checkpoint import PathLike, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves each training checkpoint to a temporary file in the same folder, fsyncs it and renames it into place,
     so a checkpoint on disk is complete or absent whatever kills the process (SIGKILL, power loss, a full disk).
 
-    Loads with `cldm.checkpoint_io.read_checkpoint`: weights_only unpickling with the allow-list of known names, and
+    Loads with `ldm.checkpoint.read_checkpoint`: weights_only unpickling with the allow-list of known names, and
     one-sentence errors for truncated, foreign or malicious files. Local paths only.
     """
 

@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-from cldm.checkpoint_io import stale_temporary_files
+from cldm.checkpoints.atomic import stale_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +75,20 @@ class NonFiniteLossGuard(Callback):
     step, so the weights and the checkpoints on disk stay finite. All ranks take the same decision.
 
     Loss and gradients are checked together right before the optimizer step, one host sync per step, once every
-    kernel of the backward pass is queued. A model whose optimizer updates during backward
-    (`optimizer_in_backward`) has its loss checked before backward instead.
+    kernel of the backward pass is queued.
 
     Args:
         checkpoint_dir: where the run's checkpoints are, to name the last good one in the message.
         skip: skip such steps (the optimizer leaves every parameter and its state unchanged) instead of stopping.
+        check_before_backward: check the loss before backward too, for an optimizer that updates the parameters
+            during backward (`AdamWInBackward`), when the check before the step would come too late.
     """
 
-    def __init__(self, checkpoint_dir: str | Path, skip: bool = False):
+    def __init__(self, checkpoint_dir: str | Path, skip: bool = False, check_before_backward: bool = False):
         super().__init__()
         self.checkpoint_dir = Path(checkpoint_dir)
         self.skip = skip
+        self.check_before_backward = check_before_backward
         self.skipped = 0
         self._loss: torch.Tensor | None = None
 
@@ -98,7 +100,7 @@ class NonFiniteLossGuard(Callback):
                 f"--precision 32, or pass --skip_nonfinite to skip such steps")
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if not getattr(pl_module, "optimizer_in_backward", False):
+        if not self.check_before_backward:
             self._loss = loss.detach()  # checked with the gradients
         elif not trainer.strategy.reduce_boolean_decision(_all_finite([loss.detach()]), all=True):
             raise NonFiniteLossError(self._stop_message(f"the loss became {loss.item()}", trainer.global_step))

@@ -1,4 +1,5 @@
-"""Each speed path gives the loss and ControlNet gradients of eager float32 training, on the tiny config."""
+"""Each speed and memory option gives the loss and ControlNet gradients of eager float32 training, on the tiny
+config."""
 from __future__ import annotations
 
 import contextlib
@@ -8,22 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from cldm import performance
-from cldm.performance import (
-    DEFAULT_BUCKET_BYTES,
-    AdamWInBackward,
+from cldm.training import speed
+from cldm.training.speed import (
     compile_model,
-    make_optimizer,
+    recompute_weight_casts_in,
     recomputed_weight_casts,
     store_frozen_weights_in,
+    trainable_networks,
     use_channels_last,
 )
 from ldm.modules.attention import set_attention_backend
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from tests.helpers.random_weights import model_without_zero_layers
+from tests.helpers.paths import TINY_CONFIG
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "models" / "cldm_tiny.yaml"
+
 # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2 %); after a few dozen layers the loss moves by well
 # under 1 %, and the ControlNet gradients keep their direction.
 BF16_LOSS_RTOL = 1e-2
@@ -98,6 +99,7 @@ def test_channels_last_gives_the_same_loss_and_gradients(tiny_model, batch, refe
     assert_same_training(loss_and_grads(model, batch), reference)
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_loss_and_gradients(tiny_model, batch, reference):
     """Dynamo capture and AOTAutograd's joint forward/backward graphs of UNet and ControlNet.
 
@@ -145,87 +147,6 @@ def test_frozen_bf16_storage_keeps_trainable_and_normalisation_weights_float32(t
 def test_store_frozen_weights_rejects_integer_dtypes(tiny_model):
     with pytest.raises(ValueError, match="frozen weights"):
         store_frozen_weights_in(copy.deepcopy(tiny_model), torch.int8)
-
-
-def _params_with_grads(seed: int) -> list[torch.nn.Parameter]:
-    generator = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(64, 32), (32,), (3, 3, 8, 8)]]
-    for param in params:
-        param.grad = torch.randn(param.shape, generator=generator)
-    return params
-
-
-def test_fused_adamw_makes_the_same_update_as_the_default_implementation():
-    fused, plain = _params_with_grads(0), _params_with_grads(0)
-    fused_optimizer = make_optimizer(fused, lr=1e-3, fused=True)
-    plain_optimizer = make_optimizer(plain, lr=1e-3, fused=False)
-    assert fused_optimizer.defaults["fused"] and not plain_optimizer.defaults["fused"]
-    for _ in range(3):
-        fused_optimizer.step()
-        plain_optimizer.step()
-    for a, b in zip(fused, plain, strict=True):
-        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-6)
-
-
-def test_make_optimizer_fuses_by_default_where_supported():
-    assert make_optimizer(_params_with_grads(0), lr=1e-5).defaults["fused"]
-    with pytest.raises(ValueError, match="fused AdamW"):
-        make_optimizer([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], lr=1e-5, fused=True)
-    with pytest.raises(ValueError, match="no parameters"):
-        make_optimizer([], lr=1e-5)
-
-
-def _two_layer_loss(first: torch.nn.Linear, second: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
-    return second(torch.tanh(first(inputs))).square().mean()
-
-
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("bucket_bytes", [0, DEFAULT_BUCKET_BYTES])  # a bucket per gradient; one bucket for all
-def test_adamw_in_backward_makes_adamws_updates_and_frees_the_gradients(fused, bucket_bytes):
-    torch.manual_seed(3)
-    layers = [torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)]
-    reference = copy.deepcopy(layers)
-    inputs = torch.randn(5, 8)
-    params = [p for layer in layers for p in layer.parameters()]
-    in_backward = AdamWInBackward(params, lr=1e-2, fused=fused, bucket_bytes=bucket_bytes)
-    adamw = make_optimizer([p for layer in reference for p in layer.parameters()], lr=1e-2, fused=fused)
-    for _ in range(3):
-        in_backward.zero_grad()
-        in_backward.step(lambda: _two_layer_loss(*layers, inputs).backward())
-        adamw.zero_grad()
-        adamw.step(lambda: _two_layer_loss(*reference, inputs).backward())
-        assert all(p.grad is None for p in params)
-    for actual, expected in zip(layers, reference, strict=True):
-        torch.testing.assert_close(actual.state_dict(), expected.state_dict(), rtol=0.0, atol=1e-6)
-    # The same state as AdamW's: checkpoints resume with either optimizer.
-    adamw.load_state_dict(in_backward.state_dict())
-
-
-def test_adamw_in_backward_updates_during_backward_bucket_by_bucket():
-    layers = [torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)]
-    params = [p for layer in layers for p in layer.parameters()]
-    largest = max(p.numel() * p.element_size() for p in params)
-    in_backward = AdamWInBackward(params, lr=1e-2, bucket_bytes=largest)
-    grads_alive = []
-    for param in params:  # registered after the optimizer's hooks: sees what is left once they ran
-        param.register_post_accumulate_grad_hook(lambda _: grads_alive.append(sum(p.grad is not None for p in params)))
-    before = [p.detach().clone() for p in params]
-    _two_layer_loss(*layers, torch.randn(5, 8)).backward()  # no step(): the updates happen here
-    assert max(grads_alive) < len(params)
-    assert sum(not torch.equal(p, b) for p, b in zip(params, before, strict=True)) >= 1
-    in_backward.step()  # the partly filled last bucket
-    assert all(p.grad is None for p in params)
-    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
-    in_backward.remove_hooks()
-    _two_layer_loss(*layers, torch.randn(5, 8)).backward()
-    assert all(p.grad is not None for p in params)
-
-
-def test_adamw_in_backward_needs_parameters_that_require_grad():
-    with pytest.raises(ValueError, match="require grad"):
-        AdamWInBackward([torch.nn.Parameter(torch.zeros(2), requires_grad=False)], lr=1e-5)
-    with pytest.raises(ValueError, match="require grad"):
-        AdamWInBackward([], lr=1e-5)
 
 
 def test_hint_encoder_and_zero_convs_stay_float32_under_autocast(tiny_model, batch):
@@ -311,20 +232,21 @@ def test_weight_casts_are_recomputed_from_the_float32_weight(layer, shape):
             assert layer.weight.grad is not None
 
 
-def test_apply_model_recasts_every_trainable_weight_in_backward(tiny_model, batch, monkeypatch):
+def test_installed_hooks_recast_every_trainable_weight_in_backward(tiny_model, batch, monkeypatch):
     """Under autocast, the weight casts of the ControlNet, and of the UNet decoder when it trains, are recomputed in
     backward (a weight changed after forward is caught); the locked UNet's saved tensors skip the hooks."""
-    packed, original_pack = [], performance._pack_weight_cast
+    packed, original_pack = [], speed._pack_weight_cast
 
     def counting_pack(tensor: torch.Tensor):
         packed.append(tensor.shape)
         return original_pack(tensor)
 
-    monkeypatch.setattr(performance, "_pack_weight_cast", counting_pack)
+    monkeypatch.setattr(speed, "_pack_weight_cast", counting_pack)
     hooked_tensors = {}
     for sd_locked in (True, False):
         model = copy.deepcopy(tiny_model)
         model.sd_locked = sd_locked
+        recompute_weight_casts_in(trainable_networks(model))
         weights = {"ControlNet": model.control_model.input_blocks[0][0].weight,
                    "UNet decoder": model.model.diffusion_model.out[-1].weight}
         with torch.no_grad():
@@ -344,3 +266,26 @@ def test_apply_model_recasts_every_trainable_weight_in_backward(tiny_model, batc
             else:
                 out.float().sum().backward()  # a frozen weight has no cast to recompute
     assert 0 < hooked_tensors[True] < hooked_tensors[False] / 2  # the locked UNet's tensors skip the hooks
+
+
+def test_weight_cast_hooks_stay_out_of_float32_and_no_grad_passes(tiny_model, batch, monkeypatch):
+    """The installed hooks pack nothing without autocast or without autograd, and are gone once removed."""
+    packed = []
+    monkeypatch.setattr(speed, "_pack_weight_cast", lambda tensor: packed.append(tensor) or tensor)
+    model = copy.deepcopy(tiny_model)
+    handles = recompute_weight_casts_in([model.control_model])
+    hint = batch["hint"].permute(0, 3, 1, 2)
+    context = torch.zeros(2, 77, 32)
+    model.control_model(x=batch["noise"], hint=hint, timesteps=batch["t"], context=context)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.control_model(x=batch["noise"], hint=hint, timesteps=batch["t"], context=context)
+    assert packed == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.control_model(x=batch["noise"], hint=hint, timesteps=batch["t"], context=context)
+    assert packed
+    for handle in handles:
+        handle.remove()
+    packed.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.control_model(x=batch["noise"], hint=hint, timesteps=batch["t"], context=context)
+    assert packed == []

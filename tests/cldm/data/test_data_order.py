@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cldm.data_order import DataOrderCheckpoint, ResumableRandomSampler, Visit
+from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler, Visit
 
 
 def _indices(sampler: ResumableRandomSampler) -> list[int]:

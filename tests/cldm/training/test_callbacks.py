@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cldm.callbacks import newest_checkpoint
+from cldm.training.callbacks import newest_checkpoint
 
 
 def _touch(folder: Path, *names: str) -> None:
