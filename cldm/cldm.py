@@ -171,15 +171,15 @@ class ControlLDM(LatentDiffusion):
         only_mid_control: inject only the middle-block residual.
         sd_locked: keep the Stable Diffusion UNet frozen; when False its output blocks and `out` train too.
         learning_rate: AdamW learning rate.
-        optimizer: makes the optimizer from (trainable parameters, learning rate); None for
+        optimizer_factory: makes the optimizer from (trainable parameters, learning rate); None for
             `torch.optim.AdamW`, the paper's. The training job passes its own AdamW variants here.
     """
 
     def __init__(self, control_stage_config: Mapping[str, Any], control_key: str, only_mid_control: bool,
-                 sd_locked: bool = True, learning_rate: float = 1e-5, optimizer: OptimizerFactory | None = None,
-                 **kwargs):
+                 sd_locked: bool = True, learning_rate: float = 1e-5,
+                 optimizer_factory: OptimizerFactory | None = None, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.optimizer = optimizer
+        self.optimizer_factory = optimizer_factory
         self.control_model = instantiate_from_config(control_stage_config)
         self.control_key = control_key
         self.only_mid_control = only_mid_control
@@ -305,10 +305,10 @@ class ControlLDM(LatentDiffusion):
         return params
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over `trainable_parameters()`, or what the `optimizer` given to the constructor makes."""
-        if self.optimizer is None:
+        """AdamW over `trainable_parameters()`, or what the constructor's `optimizer_factory` makes."""
+        if self.optimizer_factory is None:
             return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
-        return self.optimizer(self.trainable_parameters(), self.learning_rate)
+        return self.optimizer_factory(self.trainable_parameters(), self.learning_rate)
 
     def low_vram_shift(self, is_diffusing: bool, device: str | torch.device = "cuda") -> None:
         """Keep only what the current phase needs on `device` (diffusion: UNet + ControlNet; else VAE + text)."""

@@ -54,7 +54,7 @@ def load_config(config_path: PathLike) -> DictConfig:
 
 def create_model(config_path: PathLike, **params: Any) -> torch.nn.Module:
     """Instantiate `config.model` of a yaml file (target/params) on the CPU; `params` replace or add entries of its
-    `params:` (the training job passes its learning rate, `sd_locked`, `only_mid_control` and optimizer)."""
+    `params:` (the training job passes its learning rate, `sd_locked`, `only_mid_control` and optimizer factory)."""
     config = load_config(config_path)
     try:
         model = instantiate_from_config(config.model, **params)

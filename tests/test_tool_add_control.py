@@ -16,7 +16,7 @@ from ldm.checkpoint import read_state_dict
 from cldm.cli import run
 from cldm.model import create_model, load_weights
 from cldm.checkpoints.surgery import add_control, control_source_key
-from tests.helpers.paths import REPO_ROOT, TINY_CONFIG
+from tests.helpers.paths import TINY_CONFIG
 
 
 needs_tiny_config = pytest.mark.skipif(

@@ -19,7 +19,7 @@ from cldm.cli import run
 from cldm.ddim_hacked import DDIMSampler
 from cldm.sampling import SampleSettings, hwc3, load_control_ldm, prepare_hint, read_image, resize_image, sample_images
 from tests.helpers.random_weights import model_without_zero_layers
-from tests.helpers.paths import REPO_ROOT, TINY_CONFIG
+from tests.helpers.paths import TINY_CONFIG
 
 
 TINY = str(TINY_CONFIG)

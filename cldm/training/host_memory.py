@@ -3,10 +3,9 @@
 PyTorch allocates CPU tensors with the C library's `malloc`. glibc serves blocks of 32 MiB and more (the
 gradients and oneDNN's reordered copies of the large convolution weights, every step) from fresh `mmap`s and
 returns them to the system when they are freed, and it returns the top of its heap too; the next step then pays
-the kernel for mapping and zeroing the same memory again. On a small CPU machine that is a third of an SD1.5
-training step at 256 px. Retaining freed memory makes each step reuse what the last one freed. The heap settles
-after a few steps, near the step's own peak (the gaps fragmentation leaves are kept too: within 0.1 GiB of the
-released peak for SD1.5 on the CPU), and the process no longer gives memory back while it runs.
+the kernel for mapping and zeroing the same memory again, a large share of a CPU training step. Retaining freed
+memory makes each step reuse what the last one freed. The heap settles after a few steps, near the step's own
+peak (the gaps fragmentation leaves are kept too), and the process does not give memory back while it runs.
 """
 from __future__ import annotations
 

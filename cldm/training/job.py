@@ -71,9 +71,9 @@ def _load_initial_weights(model: pl.LightningModule, args: argparse.Namespace) -
 
 def build_model(args: argparse.Namespace) -> pl.LightningModule:
     """The ControlLDM of `--config` with the initial weights (skipped when resuming a run)."""
-    optimizer = partial(build_adamw, fused=args.fused_adamw, in_backward=args.optimizer_in_backward)
+    optimizer_factory = partial(build_adamw, fused=args.fused_adamw, in_backward=args.optimizer_in_backward)
     model = create_model(args.config, learning_rate=args.learning_rate, sd_locked=args.sd_locked,
-                         only_mid_control=args.only_mid_control, optimizer=optimizer)
+                         only_mid_control=args.only_mid_control, optimizer_factory=optimizer_factory)
     if args.resume_from_checkpoint is None:
         _load_initial_weights(model, args)
     if args.gradient_checkpointing is not None:

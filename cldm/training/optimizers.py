@@ -53,7 +53,7 @@ class AdamWInBackward(torch.optim.AdamW):
 
     Gradients are gathered into buckets of about `bucket_bytes` as backward completes them; each full bucket is
     updated by one fused AdamW call and its gradients freed, so the gradients of all trainable parameters never
-    exist at once (1.35 GiB for the SD1.5 ControlNet in float32; a bucket is 64 MiB). The update, the state and
+    exist at once. The update, the state and
     `state_dict()` equal plain `AdamW`'s, so checkpoints resume either way. `step(closure)` runs the closure
     (forward and backward) and then updates what is left, so Lightning's automatic optimization drives it as any
     optimizer. Each backward is one optimizer step, so gradient accumulation, gradient clipping, fp16 loss
@@ -105,8 +105,8 @@ class AdamWInBackward(torch.optim.AdamW):
 
 def build_adamw(params: Iterable[nn.Parameter], lr: float, fused: bool | None = None,
                 in_backward: bool = False) -> torch.optim.Optimizer:
-    """`AdamWInBackward` when `in_backward`, else `make_optimizer`: the optimizer the training job gives ControlLDM
-    (as `functools.partial(build_adamw, fused=..., in_backward=...)`)."""
+    """`AdamWInBackward` when `in_backward`, else `make_optimizer`: the training job gives ControlLDM
+    `functools.partial(build_adamw, fused=..., in_backward=...)` as its `optimizer_factory`."""
     if in_backward:
         return AdamWInBackward(params, lr=lr, fused=fused)
     return make_optimizer(params, lr=lr, fused=fused)

@@ -124,8 +124,8 @@ def recomputed_weight_casts() -> torch.autograd.graph.saved_tensors_hooks:
 
     Autocast runs a float32 weight's conv/linear in half precision by casting the weight, and autograd keeps that
     cast for backward (for the gradient of the input): a second, half-precision copy of every trainable weight
-    outside checkpointed blocks, 0.67 GiB for the SD1.5 ControlNet. Under these hooks autograd keeps a reference
-    to the float32 weight and recasts it when backward needs it; the cast is exact, so gradients are unchanged.
+    outside checkpointed blocks. Under these hooks autograd keeps a reference to the float32 weight and recasts it
+    when backward needs it; the cast is exact, so gradients are unchanged.
     """
     return torch.autograd.graph.saved_tensors_hooks(_pack_weight_cast, _unpack_weight_cast)
 

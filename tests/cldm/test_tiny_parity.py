@@ -7,7 +7,6 @@ two DDIM steps. Every gating row must agree within 1e-5 relative.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch

@@ -437,7 +437,7 @@ def build_decoder(config: UNetConfig, skip_channels: Sequence[int]) -> nn.Module
 
 # Blocks never checkpointed. The middle block runs at the lowest resolution (8x8 for a 512 px image): its
 # activations are 1/64 of the first level's per channel while its weights are the heaviest, so recomputing it in
-# backward costs FLOPs (1.9 GFLOP of the SD1.5 ControlNet's step at 256 px) to save almost no memory.
+# backward costs FLOPs to save almost no memory.
 UNCHECKPOINTED_BLOCKS = ("middle_block",)
 
 

@@ -1,7 +1,6 @@
 """Our ControlNet -> diffusers ControlNetModel: config values, key names, and the same residuals (in memory)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest

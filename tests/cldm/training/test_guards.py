@@ -3,7 +3,6 @@ changes the training trajectory nor ends a run."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 

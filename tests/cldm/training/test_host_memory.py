@@ -5,7 +5,6 @@ import json
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
