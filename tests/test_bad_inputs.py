@@ -345,7 +345,7 @@ def _(inputs, tmp, monkeypatch):
 @row("fill50k-output-exists")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_make_fill50k.main, ["--out", inputs.data, "--count", "2", "--size", "64", "--quiet"],
-                f"{inputs.data} already exists; use --force to replace it or choose another output.")
+                f"output folder '{inputs.data}' already exists; choose another name or pass --force")
 
 
 @row("fill50k-size-not-multiple-of-8")
@@ -357,7 +357,7 @@ def _(inputs, tmp, monkeypatch):
 @row("fill50k-output-parent-missing")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_make_fill50k.main, ["--out", tmp / "training" / "fill50k", "--count", "2", "--quiet"],
-                f"The output's parent folder {tmp}/training does not exist; create it first.")
+                f"output folder '{tmp}/training' does not exist; create it first")
 
 
 @row("fill50k-count-zero")

@@ -150,7 +150,8 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     (out / "mine.txt").write_text("keep me")
     code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--quiet"])
     assert code == 2
-    assert "already exists" in capsys.readouterr().err
+    message = f"output folder '{out}' already exists; choose another name or pass --force"
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert all_files(out) == ["mine.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fill50k"]
 
@@ -236,7 +237,7 @@ def test_missing_output_parent(tmp_path, capsys):
     code = tool_make_fill50k.main(["--out", str(tmp_path / "missing" / "fill50k"), "--count", "2", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("error: The output's parent folder") and "does not exist" in err
+    assert err == f"error: output folder '{tmp_path / 'missing'}' does not exist; create it first\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -245,7 +246,7 @@ def test_unwritable_output_parent(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     code = tool_make_fill50k.main(["--out", str(tmp_path / "fill50k"), "--count", "2", "--quiet"])
     assert code == 2
-    assert capsys.readouterr().err == f"error: The output's parent folder {tmp_path} is not writable.\n"
+    assert capsys.readouterr().err == f"error: output folder '{tmp_path}' is not writable; choose another folder\n"
     assert list(tmp_path.iterdir()) == []
 
 

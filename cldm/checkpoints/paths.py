@@ -19,9 +19,11 @@ def checkpoint_format(path: PathLike) -> str:
     )
 
 
-def check_output_path(path: PathLike, overwrite: bool = False, folder: bool = False) -> None:
+def check_output_path(path: PathLike, overwrite: bool = False, folder: bool = False,
+                      overwrite_flag: str = "--overwrite") -> None:
     """Refuse an output that exists (unless `overwrite`), is of the other kind (a file where a folder is written, or
-    the reverse), or whose parent folder is missing or not writable."""
+    the reverse), or whose parent folder is missing or not writable; `overwrite_flag` is the flag a folder-writing
+    tool replaces an existing folder with."""
     target = Path(path)
     what = "output folder" if folder else "output"
     if target.exists() and target.is_dir() != folder:
@@ -29,7 +31,7 @@ def check_output_path(path: PathLike, overwrite: bool = False, folder: bool = Fa
             raise FileExistsError(f"{what} '{path}' is a file; give the name of a folder")
         raise IsADirectoryError(f"{what} '{path}' is a folder; give a file name inside it")
     if target.exists() and not overwrite:
-        remedy = "pass --overwrite" if folder else "delete it first"
+        remedy = f"pass {overwrite_flag}" if folder else "delete it first"
         raise FileExistsError(f"{what} '{path}' already exists; choose another name or {remedy}")
     parent = target.absolute().parent if folder else target.parent
     if not parent.exists():

@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cldm.checkpoints.paths import check_output_path
+
 logger = logging.getLogger(__name__)
 # A run writes into `<out>.tmp-<its pid>` and renames it to `<out>` once complete.
 STAGING_SUFFIX = ".tmp-"
@@ -324,15 +326,7 @@ def check_arguments(out: Path, count: int, size: int, seed: int, workers: int, f
         raise ValueError(f"seed must be zero or positive, got {seed}.")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}.")
-    parent = out.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"The output's parent folder {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"The output's parent folder {parent} is not writable.")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; remove it or choose another output.")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; use --force to replace it or choose another output.")
+    check_output_path(out, overwrite=force, folder=True, overwrite_flag="--force")
 
 
 def generate_fill50k(
