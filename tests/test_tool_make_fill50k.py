@@ -126,6 +126,7 @@ def test_items_vary_and_circle_differs_from_background():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_for_any_worker_count(dataset, tmp_path):
     parallel = generate_fill50k(tmp_path / "two", COUNT, SIZE, SEED, workers=2, show_progress=False)
     files = all_files(dataset)
@@ -167,6 +168,7 @@ def test_staging_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["fill50k", live.name, other.name])
 
 
+@pytest.mark.slow
 def test_force_replaces_an_existing_data_set(tmp_path, capsys):
     out = tmp_path / "fill50k"
     generate_fill50k(out, 3, SIZE, seed=1, show_progress=False)
@@ -255,6 +257,7 @@ def test_debug_flag_shows_the_exception(tmp_path):
         tool_make_fill50k.main(["--out", str(tmp_path / "fill50k"), "--count", "0", "--debug"])
 
 
+@pytest.mark.slow
 def test_script_runs_as_a_program(tmp_path, repo_root):
     out = tmp_path / "fill50k"
     command = [sys.executable, "tool_make_fill50k.py", "--out", str(out), "--count", "3", "--size", "64"]
