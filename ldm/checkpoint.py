@@ -39,8 +39,10 @@ ALLOWED_PICKLE_GLOBALS = (
 )
 
 _GLOBAL_IN_ERROR = re.compile(r"GLOBAL ([\w.]+)")
+
+
 # ---------------------------------------------------------------------------------------------
-# Paths: what the user gave us
+# Input paths: what the user gave us
 # ---------------------------------------------------------------------------------------------
 
 
@@ -71,6 +73,7 @@ def check_input_path(path: PathLike, role: str = "checkpoint") -> None:
             pass
     except PermissionError:
         raise PermissionError(f"{role} '{path}' is not readable (permission denied); check its permissions") from None
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading

@@ -68,6 +68,7 @@ def _reserve(temp: Path, folder: bool) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Delete a temporary file or folder, whatever it holds."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

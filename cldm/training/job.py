@@ -43,16 +43,6 @@ from cldm.training.speed import apply_speed_options
 logger = logging.getLogger(__name__)
 
 
-def apply_host_memory_option(args: argparse.Namespace) -> None:
-    """Keep freed host memory when `--retain_host_memory` says so; warn if it was asked for and cannot be done."""
-    if not retains_host_memory(args):
-        return
-    retained = retain_freed_host_memory()
-    if not retained and args.retain_host_memory:  # asked for explicitly; the CPU default stays silent
-        rank_zero_warn("--retain_host_memory needs glibc's malloc, which this system does not use; freed host "
-                       "memory goes back to the system as usual (drop the flag to silence this)")
-
-
 # ---------------------------------------------------------------------------------------------
 # Building the pieces
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +158,16 @@ def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> 
         accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
         default_root_dir=args.default_root_dir, callbacks=build_callbacks(args, sampler),
         plugins=[AtomicCheckpointIO()], logger=build_loggers(args.default_root_dir), log_every_n_steps=1)
+
+
+def apply_host_memory_option(args: argparse.Namespace) -> None:
+    """Keep freed host memory when `--retain_host_memory` says so; warn if it was asked for and cannot be done."""
+    if not retains_host_memory(args):
+        return
+    retained = retain_freed_host_memory()
+    if not retained and args.retain_host_memory:  # asked for explicitly; the CPU default stays silent
+        rank_zero_warn("--retain_host_memory needs glibc's malloc, which this system does not use; freed host "
+                       "memory goes back to the system as usual (drop the flag to silence this)")
 
 
 # ---------------------------------------------------------------------------------------------
