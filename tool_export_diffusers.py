@@ -9,33 +9,11 @@ The input is a full ControlLDM checkpoint or control-only weights (tool_extract_
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import secrets
-import shutil
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 
-from omegaconf import OmegaConf
-
-from cldm.checkpoint_io import CONTROL_PREFIX, PathLike, check_input_path, read_state_dict, save_state_dict
+from cldm.checkpoints.diffusers_export import export_diffusers
 from cldm.cli import add_debug_argument, run
-from cldm.diffusers_export import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_against_diffusers,
-    diffusers_config,
-    import_diffusers,
-    to_diffusers_state_dict,
-)
-from cldm.model import check_config_path
-from tool_extract_control import check_control_weights, extract_control, read_control_stage_config, to_half
-
-logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,75 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output_folder(path: PathLike, overwrite: bool = False) -> None:
-    """Refuse an existing output (unless `overwrite` and it is an empty or model folder) or an unusable parent."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"output '{path}' is a file; the diffusers model is a folder, choose another name")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"output folder '{path}' already exists; choose another name or pass --overwrite")
-    if target.exists() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
-        raise FileExistsError(f"output folder '{path}' is not empty and holds no {CONFIG_NAME}; it is not a "
-                              "model folder, so it is not replaced even with --overwrite")
-    parent = target.absolute().parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder's parent '{parent}' does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder's parent '{parent}' is not writable; choose another place")
-
-
-@contextmanager
-def atomic_folder(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it replaces `path`, on failure it is removed."""
-    target = Path(path).absolute()
-    token = secrets.token_hex(4)
-    temp = target.with_name(f".{target.name}.{token}.tmp")
-    temp.mkdir()
-    try:
-        yield temp
-        if target.exists():  # --overwrite: move the old folder aside first, delete it once the new one is in place
-            old = target.with_name(f".{target.name}.{token}.old")
-            os.replace(target, old)
-            try:
-                os.replace(temp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert the control weights of a checkpoint and write the diffusers folder."""
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-
-    # 1. cheap checks before reading the checkpoint
-    diffusers = import_diffusers()
-    check_input_path(args.input_path, role="input checkpoint")
-    check_config_path(args.config)
-    check_output_folder(args.output_dir, overwrite=args.overwrite)
-    params = OmegaConf.to_container(read_control_stage_config(args.config).get("params", {}), resolve=True)
-    config = {**diffusers_config(params), "_diffusers_version": diffusers.__version__}
-
-    # 2. the control weights, checked against our ControlNet, renamed and checked against diffusers'
-    control = extract_control(read_state_dict(args.input_path))
-    check_control_weights(control, args.config, args.input_path)
-    weights = to_diffusers_state_dict({key.removeprefix(CONTROL_PREFIX): t for key, t in control.items()}, params)
-    check_against_diffusers(weights, config)
-    if args.half:
-        weights = to_half(weights)
-
-    # 3. write config.json and the weights into a temporary folder that becomes the output
-    with atomic_folder(args.output_dir) as folder:
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_state_dict(weights, folder / WEIGHTS_NAME)
-    logger.info("Saved %d tensors to %s in %.1f s; load it with diffusers.ControlNetModel.from_pretrained(%r).",
-                len(weights), args.output_dir, time.perf_counter() - start, str(args.output_dir))
+    export_diffusers(args.input_path, args.output_dir, args.config, half=args.half, overwrite=args.overwrite)
     return 0
 
 

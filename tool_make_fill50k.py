@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from cldm.fill50k import generate_fill50k
+from cldm.data.fill50k import generate_fill50k
 
 
 def build_parser() -> argparse.ArgumentParser:

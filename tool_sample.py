@@ -8,34 +8,22 @@ Writes the grid `<out>` (hint map, then the samples) and each image on its own: 
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
-from cldm.checkpoint_io import PathLike, atomic_write, check_output_path
 from cldm.cli import add_debug_argument, run
 from cldm.sampling import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
     PRECISIONS,
     SampleSettings,
-    autocast_context,
-    load_control_ldm,
-    prepare_hint,
-    read_image,
-    sample_images,
+    WeightSources,
+    sample_to_files,
 )
 
-logger = logging.getLogger(__name__)
-
-GRID_COLUMNS = 4
 MAX_SEED = 2**32 - 1
 
 
@@ -87,79 +75,18 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be -1 or in [0, {MAX_SEED}], got {args.seed}")
 
 
-def _device(name: str | None) -> torch.device:
-    """The requested device, or CUDA when available, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device '{name}' is not a torch device ({error})") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device '{name}' asks for CUDA, which is not available here; use --device cpu")
-    return device
-
-
-def output_paths(out: PathLike, num_samples: int) -> dict[str, Path]:
-    """{"grid": <out>, "hint": <stem>_hint.png, "0": <stem>_0.png, ...}."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out '{out}' must be a .png file")
-    paths = {"grid": out, "hint": out.with_name(f"{out.stem}_hint.png")}
-    paths.update({str(i): out.with_name(f"{out.stem}_{i}.png") for i in range(num_samples)})
-    return paths
-
-
-def make_grid(images: Sequence[np.ndarray], columns: int = GRID_COLUMNS) -> np.ndarray:
-    """Same-size uint8 (H, W, 3) images in rows of `columns`, black where the last row is short."""
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    height, width, channels = images[0].shape
-    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
-    for i, image in enumerate(images):
-        row, column = divmod(i, columns)
-        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
-    return grid
-
-
-def save_png(image: np.ndarray, path: PathLike) -> None:
-    """Write a uint8 (H, W, 3) RGB image as PNG, atomically."""
-    with atomic_write(path) as file:
-        Image.fromarray(image).save(file, format="PNG")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Sample from a ControlNet and write the grid and the single images."""
     args = build_parser().parse_args(argv)
-
-    # 1. cheap checks before loading anything
     _check_numbers(args)
-    device = _device(args.device)
-    autocast_context(args.precision, device)
-    paths = output_paths(args.out, args.num_samples)
-    for path in paths.values():
-        check_output_path(path, overwrite=args.overwrite)
-    hint = prepare_hint(read_image(args.hint), args.resolution)
-
-    # 2. the model, then the samples
-    model = load_control_ldm(args.config, ckpt=args.ckpt, base=args.base, control=args.control).to(device)
-    seed = args.seed if args.seed != -1 else random.randint(0, 65535)
     settings = SampleSettings(
         prompt=args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt, num_samples=args.num_samples,
         ddim_steps=args.ddim_steps, scale=args.scale, strength=args.strength, guess_mode=args.guess_mode,
-        eta=args.eta, seed=seed, precision=args.precision,
+        eta=args.eta, seed=args.seed if args.seed != -1 else random.randint(0, 65535), precision=args.precision,
     )
-    logger.info("Sampling %d image(s) of %dx%d with seed %d", args.num_samples, hint.shape[1], hint.shape[0], seed)
-    start = time.perf_counter()
-    images = sample_images(model, hint, settings)
-    logger.info("Sampled in %.1f s", time.perf_counter() - start)
-
-    # 3. outputs: single images first, the grid last
-    save_png(hint, paths["hint"])
-    for i, image in enumerate(images):
-        save_png(image, paths[str(i)])
-    save_png(make_grid([hint, *images]), paths["grid"])
-    logger.info("Saved %s and %d single images next to it", paths["grid"], len(images) + 1)
+    weights = WeightSources(args.config, ckpt=args.ckpt, base=args.base, control=args.control)
+    sample_to_files(weights, args.hint, args.out, settings, args.resolution, device_name=args.device,
+                    overwrite=args.overwrite)
     return 0
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from cldm.fill50k import generate_fill50k
-from tutorial_dataset import MyDataset
+from cldm.data.fill50k import generate_fill50k
+from cldm.data.dataset import MyDataset
 
 
 def build_parser() -> argparse.ArgumentParser:

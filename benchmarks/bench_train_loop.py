@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cldm.model import create_model
-from cldm.training import apply_host_memory_option
-from tool_make_random_sd import randomize_
+from cldm.training.job import apply_host_memory_option
+from cldm.checkpoints.random_weights import randomize_
 
 PUBLISHED = "5.02 s/it, 8 GPUs x batch 4 (global 32), fp32 (DeepSparkHub, BI-V100)"
 

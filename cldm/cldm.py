@@ -1,8 +1,7 @@
 """ControlNet: a trainable copy of the UNet encoder whose zero-initialised taps steer a locked UNet."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +16,6 @@ from ldm.modules.diffusionmodules.openaimodel import (
     build_encoder,
     set_gradient_checkpointing,
 )
-from cldm.performance import AdamWInBackward, make_optimizer, recomputed_weight_casts
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
@@ -91,69 +89,29 @@ def _hint_encoder(dims: int, hint_channels: int, model_channels: int) -> Timeste
 class ControlNet(nn.Module):
     """Trainable copy of the UNet encoder and middle block, fed a hint image, emitting one residual per skip.
 
-    Takes UNetModel's constructor arguments except `out_channels` and `num_classes`, plus `hint_channels`
-    (channels of the hint image, whose spatial size must be 8x the latent's).
+    Takes `hint_channels` (channels of the hint image, whose spatial size must be 8x the latent's) and the fields of
+    `UNetConfig`, the configuration it shares with UNetModel, as keyword arguments (a yaml's `params:`).
     """
 
-    def __init__(
-        self,
-        image_size: int | None,
-        in_channels: int,
-        model_channels: int,
-        hint_channels: int,
-        num_res_blocks: int | Sequence[int],
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | Sequence[int] | None = None,
-        n_embed: int | None = None,
-        legacy: bool = True,
-        disable_self_attentions: Sequence[bool] | None = None,
-        num_attention_blocks: Sequence[int] | None = None,
-        disable_middle_self_attn: bool = False,
-        use_linear_in_transformer: bool = False,
-        attn_backend: str = "sdpa",
-    ) -> None:
+    def __init__(self, hint_channels: int, **params: Any) -> None:
         super().__init__()
-        config = UNetConfig(
-            in_channels=in_channels, model_channels=model_channels, num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions, dropout=dropout, channel_mult=channel_mult,
-            conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order, use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth, context_dim=context_dim, legacy=legacy,
-            disable_self_attentions=disable_self_attentions, num_attention_blocks=num_attention_blocks,
-            disable_middle_self_attn=disable_middle_self_attn, use_linear_in_transformer=use_linear_in_transformer,
-            attn_backend=attn_backend,
-        )
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
+        config = UNetConfig(**params)
+        self.image_size = config.image_size
+        self.in_channels = config.in_channels
+        self.model_channels = config.model_channels
         self.hint_channels = hint_channels
-        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.dtype = torch.float16 if config.use_fp16 else torch.float32
+        dims = config.dims
 
         # Registration order = the original's state-dict order.
         encoder = build_encoder(config)
         self.time_embed = encoder.time_embed
         self.input_blocks = encoder.input_blocks
         self.zero_convs = nn.ModuleList(_zero_conv(dims, channels) for channels in encoder.skip_channels)
-        self.input_hint_block = _hint_encoder(dims, hint_channels, model_channels)
+        self.input_hint_block = _hint_encoder(dims, hint_channels, config.model_channels)
         self.middle_block = encoder.middle_block
         self.middle_block_out = _zero_conv(dims, encoder.skip_channels[-1])
-        set_gradient_checkpointing(self, use_checkpoint)
+        set_gradient_checkpointing(self, config.use_checkpoint)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn activation checkpointing on or off in every block but the middle one (UNCHECKPOINTED_BLOCKS)."""
@@ -193,6 +151,8 @@ def _in_float32(layers: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 GUESS_MODE_DECAY = 0.825
+# Makes the optimizer of the trainable parameters from (parameters, learning rate).
+OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 
 
 def control_scales_for(num_outputs: int, strength: float = 1.0, guess_mode: bool = False) -> list[float]:
@@ -211,18 +171,15 @@ class ControlLDM(LatentDiffusion):
         only_mid_control: inject only the middle-block residual.
         sd_locked: keep the Stable Diffusion UNet frozen; when False its output blocks and `out` train too.
         learning_rate: AdamW learning rate.
-        fused_adamw: AdamW as one fused kernel (True), PyTorch's default implementation as the original
-            (False), or fused whenever the parameters allow it (None).
-        optimizer_in_backward: update each parameter during backward as soon as its gradient is ready
-            (`AdamWInBackward`: the same AdamW update without holding all gradients; one device, no accumulation).
+        optimizer_factory: makes the optimizer from (trainable parameters, learning rate); None for
+            `torch.optim.AdamW`, the paper's. The training job passes its own AdamW variants here.
     """
 
     def __init__(self, control_stage_config: Mapping[str, Any], control_key: str, only_mid_control: bool,
-                 sd_locked: bool = True, learning_rate: float = 1e-5, fused_adamw: bool | None = False,
-                 optimizer_in_backward: bool = False, **kwargs):
+                 sd_locked: bool = True, learning_rate: float = 1e-5,
+                 optimizer_factory: OptimizerFactory | None = None, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.fused_adamw = fused_adamw
-        self.optimizer_in_backward = optimizer_in_backward
+        self.optimizer_factory = optimizer_factory
         self.control_model = instantiate_from_config(control_stage_config)
         self.control_key = control_key
         self.only_mid_control = only_mid_control
@@ -279,16 +236,9 @@ class ControlLDM(LatentDiffusion):
         context = torch.cat(cond["c_crossattn"], dim=1)
         if cond["c_concat"] is None:
             return unet(x=x_noisy, timesteps=t, context=context, control=None, only_mid_control=self.only_mid_control)
-        # Under autocast, backward recasts the trainable weights rather than keeping their half-precision copies.
-        # The hooks see every tensor saved for backward, so they cover only the networks that have such weights.
-        casting = torch.is_autocast_enabled(x_noisy.device.type) and torch.is_grad_enabled()
-        with recomputed_weight_casts() if casting else contextlib.nullcontext():
-            control = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], dim=1), timesteps=t,
-                                         context=context)
+        control = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], dim=1), timesteps=t, context=context)
         control = [residual * scale for residual, scale in zip(control, self.control_scales)]
-        with recomputed_weight_casts() if casting and not self.sd_locked else contextlib.nullcontext():
-            return unet(x=x_noisy, timesteps=t, context=context, control=control,
-                        only_mid_control=self.only_mid_control)
+        return unet(x=x_noisy, timesteps=t, context=context, control=control, only_mid_control=self.only_mid_control)
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, N: int):
@@ -355,9 +305,10 @@ class ControlLDM(LatentDiffusion):
         return params
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_in_backward:
-            return AdamWInBackward(self.trainable_parameters(), lr=self.learning_rate, fused=self.fused_adamw)
-        return make_optimizer(self.trainable_parameters(), lr=self.learning_rate, fused=self.fused_adamw)
+        """AdamW over `trainable_parameters()`, or what the constructor's `optimizer_factory` makes."""
+        if self.optimizer_factory is None:
+            return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        return self.optimizer_factory(self.trainable_parameters(), self.learning_rate)
 
     def low_vram_shift(self, is_diffusing: bool, device: str | torch.device = "cuda") -> None:
         """Keep only what the current phase needs on `device` (diffusion: UNet + ControlNet; else VAE + text)."""

@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
-from cldm.checkpoint_io import atomic_write, stale_temporary_files
+from cldm.checkpoints.atomic import atomic_write, stale_temporary_files
 
 logger = logging.getLogger(__name__)
 

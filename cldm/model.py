@@ -1,21 +1,27 @@
-"""Build a model from a yaml config and load checkpoint weights into it (the original's `cldm.model` API)."""
+"""Build a model from a yaml config and load checkpoint weights into it (the original's `cldm.model` API): the one
+config loader and the one key-and-shape check of the project."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cldm.checkpoint_io import PathLike, describe_key_mismatch, get_state_dict, read_state_dict
+from cldm.checkpoints.kinds import describe_key_mismatch
+from ldm.checkpoint import PathLike, get_state_dict, read_state_dict
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_config_path", "create_model", "get_state_dict", "load_state_dict", "load_weights"]
+__all__ = [
+    "check_config_path", "check_weights_fit", "create_model", "get_state_dict", "key_mismatch", "load_config",
+    "load_state_dict", "load_weights", "read_control_stage_config",
+]
 
 
 def check_config_path(config_path: PathLike) -> None:
@@ -33,7 +39,7 @@ def _yaml_problem(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _load_config(config_path: PathLike) -> DictConfig:
+def load_config(config_path: PathLike) -> DictConfig:
     """The yaml file as an OmegaConf mapping that has a `model` section."""
     check_config_path(config_path)
     path = Path(config_path)
@@ -46,11 +52,12 @@ def _load_config(config_path: PathLike) -> DictConfig:
     return config
 
 
-def create_model(config_path: PathLike) -> torch.nn.Module:
-    """Instantiate `config.model` of a yaml file (target/params) on the CPU."""
-    config = _load_config(config_path)
+def create_model(config_path: PathLike, **params: Any) -> torch.nn.Module:
+    """Instantiate `config.model` of a yaml file (target/params) on the CPU; `params` replace or add entries of its
+    `params:` (the training job passes its learning rate, `sd_locked`, `only_mid_control` and optimizer factory)."""
+    config = load_config(config_path)
     try:
-        model = instantiate_from_config(config.model)
+        model = instantiate_from_config(config.model, **params)
     except ImportError as error:
         raise ValueError(f"config file '{config_path}' names a class that cannot be imported: {error}") from error
     except KeyError as error:
@@ -66,15 +73,46 @@ def load_state_dict(ckpt_path: PathLike, location: str | torch.device = "cpu") -
     return state_dict
 
 
-def _mismatched_shapes(
-    model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
-) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    """(key, checkpoint shape, model shape) for every shared key whose shapes differ."""
-    return [
-        (key, tuple(tensor.shape), tuple(model_state[key].shape))
+def read_control_stage_config(config_path: PathLike) -> DictConfig:
+    """`model.params.control_stage_config` (target and params of the ControlNet) of a ControlLDM yaml file."""
+    control = OmegaConf.select(load_config(config_path), "model.params.control_stage_config")
+    if control is None:
+        raise ValueError(
+            f"config file '{config_path}' has no model.params.control_stage_config; pass a ControlLDM config "
+            "such as ./models/cldm_v15.yaml"
+        )
+    return control
+
+
+def key_mismatch(
+    expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+    """The keys of `expected` that `state_dict` lacks, those it has in excess, and (key, its shape, the expected
+    shape) for every shared key whose shapes differ."""
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        (key, tuple(tensor.shape), tuple(expected[key].shape))
         for key, tensor in state_dict.items()
-        if key in model_state and tuple(tensor.shape) != tuple(model_state[key].shape)
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape)
     ]
+    return missing, unexpected, mismatched
+
+
+def check_weights_fit(
+    expected: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: PathLike,
+    config: PathLike | None = None,
+) -> None:
+    """Raise ValueError naming the keys and the likely model unless `state_dict` has exactly the keys and shapes of
+    `expected` (a model's state dict, possibly on the meta device)."""
+    missing, unexpected, mismatched = key_mismatch(expected, state_dict)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            describe_key_mismatch(missing, unexpected, state_dict, config, mismatched_shapes=mismatched, source=source)
+        )
 
 
 def load_weights(
@@ -85,16 +123,5 @@ def load_weights(
     config: PathLike | None = None,
 ) -> None:
     """Load `state_dict` into `model` strictly; a mismatch raises ValueError naming the keys and the likely model."""
-    model_state = model.state_dict()
-    mismatched = _mismatched_shapes(model_state, state_dict)
-    if mismatched:  # load_state_dict would fail on these; report the key differences alongside
-        missing = [key for key in model_state if key not in state_dict]
-        unexpected = [key for key in state_dict if key not in model_state]
-    else:
-        # strict=False and the same check as strict=True afterwards, so the error can say what the checkpoint is.
-        result = model.load_state_dict(state_dict, strict=False)
-        missing, unexpected = result.missing_keys, result.unexpected_keys
-    if mismatched or missing or unexpected:
-        raise ValueError(
-            describe_key_mismatch(missing, unexpected, state_dict, config, mismatched_shapes=mismatched, source=source)
-        )
+    check_weights_fit(model.state_dict(), state_dict, source=source, config=config)
+    model.load_state_dict(state_dict, strict=True)

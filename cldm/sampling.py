@@ -1,28 +1,28 @@
-"""Inference with a ControlLDM the way the original gradio apps do it: load weights, prepare the hint, sample."""
+"""Inference with a ControlLDM the way the original gradio apps do it: load weights, prepare the hint, sample, and
+write the grid and the single images (what tool_sample.py runs)."""
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import torch
 from einops import rearrange
+from PIL import Image
 from pytorch_lightning import seed_everything
 
-from cldm.checkpoint_io import (
-    BASE_MODEL_DESCRIPTIONS,
-    CONTROL_PREFIX,
-    PathLike,
-    check_input_path,
-    detect_base_model,
-    read_state_dict,
-)
+from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, CONTROL_PREFIX, detect_base_model
+from cldm.checkpoints.atomic import atomic_write
+from cldm.checkpoints.paths import check_output_path
 from cldm.ddim_hacked import DDIMSampler
 from cldm.model import check_config_path, create_model, load_weights
+from ldm.checkpoint import PathLike, check_input_path, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -234,3 +234,90 @@ def sample_images(
         images = model.decode_first_stage(latents)
     images = rearrange(images.float(), "b c h w -> b h w c") * 127.5 + 127.5
     return images.cpu().numpy().clip(0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: the device, the grid and the single images
+# ---------------------------------------------------------------------------------------------
+
+GRID_COLUMNS = 4
+
+
+def choose_device(name: str | None) -> torch.device:
+    """The requested device, or CUDA when available, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device '{name}' is not a torch device ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device '{name}' asks for CUDA, which is not available here; use --device cpu")
+    return device
+
+
+def output_paths(out: PathLike, num_samples: int) -> dict[str, Path]:
+    """{"grid": <out>, "hint": <stem>_hint.png, "0": <stem>_0.png, ...}."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out '{out}' must be a .png file")
+    paths = {"grid": out, "hint": out.with_name(f"{out.stem}_hint.png")}
+    paths.update({str(i): out.with_name(f"{out.stem}_{i}.png") for i in range(num_samples)})
+    return paths
+
+
+def make_grid(images: Sequence[np.ndarray], columns: int = GRID_COLUMNS) -> np.ndarray:
+    """Same-size uint8 (H, W, 3) images in rows of `columns`, black where the last row is short."""
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    height, width, channels = images[0].shape
+    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for i, image in enumerate(images):
+        row, column = divmod(i, columns)
+        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: PathLike) -> None:
+    """Write a uint8 (H, W, 3) RGB image as PNG, atomically."""
+    with atomic_write(path) as file:
+        Image.fromarray(image).save(file, format="PNG")
+
+
+class WeightSources(NamedTuple):
+    """Where the weights come from: a full ControlLDM checkpoint, or a base model plus control-only weights."""
+
+    config: PathLike
+    ckpt: PathLike | None = None
+    base: PathLike | None = None
+    control: PathLike | None = None
+
+
+def sample_to_files(weights: WeightSources, hint_path: PathLike, out: PathLike, settings: SampleSettings,
+                    resolution: int, device_name: str | None = None, overwrite: bool = False) -> None:
+    """Sample from the ControlLDM of `weights` for the hint image `hint_path`; write the grid `out` (hint map, then
+    the samples) and each image on its own next to it."""
+    # 1. cheap checks before loading anything
+    device = choose_device(device_name)
+    autocast_context(settings.precision, device)
+    paths = output_paths(out, settings.num_samples)
+    for path in paths.values():
+        check_output_path(path, overwrite=overwrite)
+    hint = prepare_hint(read_image(hint_path), resolution)
+
+    # 2. the model, then the samples
+    model = load_control_ldm(weights.config, ckpt=weights.ckpt, base=weights.base, control=weights.control)
+    model = model.to(device)
+    logger.info("Sampling %d image(s) of %dx%d with seed %d", settings.num_samples, hint.shape[1], hint.shape[0],
+                settings.seed)
+    start = time.perf_counter()
+    images = sample_images(model, hint, settings)
+    logger.info("Sampled in %.1f s", time.perf_counter() - start)
+
+    # 3. outputs: single images first, the grid last
+    save_png(hint, paths["hint"])
+    for i, image in enumerate(images):
+        save_png(image, paths[str(i)])
+    save_png(make_grid([hint, *images]), paths["grid"])
+    logger.info("Saved %s and %d single images next to it", paths["grid"], len(images) + 1)
+

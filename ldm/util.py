@@ -56,14 +56,15 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
         raise ImportError(f"target '{string}': module '{module_name}' has no attribute '{obj_name}'") from error
 
 
-def instantiate_from_config(config: Mapping[str, Any]) -> Any:
-    """Build `config['target'](**config.get('params', {}))`, as the original yaml files expect."""
+def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
+    """Build `config['target'](**config.get('params', {}))`, as the original yaml files expect; `overrides` replace
+    or add constructor arguments (Python objects too, which a yaml file cannot hold)."""
     if "target" not in config:
         if config in _NONE_TARGETS:
             return None
         raise KeyError(f"config has no 'target' key (keys: {sorted(config) if hasattr(config, 'keys') else config})")
     params = config.get("params", None) or {}
-    return get_obj_from_str(config["target"])(**params)
+    return get_obj_from_str(config["target"])(**{**params, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------

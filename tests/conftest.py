@@ -1,4 +1,5 @@
-"""Shared test set-up: the repository root on sys.path, fixture paths, small helpers."""
+"""Shared test set-up: the repository root on sys.path, one thread per process, and the shared paths
+(`tests.helpers.paths`) as fixtures."""
 from __future__ import annotations
 
 import os
@@ -15,17 +16,29 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from tests.helpers.paths import FIXTURES, HELPERS, TINY_CONFIG  # noqa: E402
+
+# The test-only modules (tiny_training, the faulty and seeded ControlLDMs that test configs name as targets).
+if str(HELPERS) not in sys.path:
+    sys.path.insert(0, str(HELPERS))
 
 
 @pytest.fixture
 def repo_root() -> Path:
+    """The repository root (scripts, models/, training/)."""
     return REPO_ROOT
 
 
 @pytest.fixture
 def fixtures_dir() -> Path:
+    """tests/fixtures: key manifests and the tiny parity case."""
     return FIXTURES
+
+
+@pytest.fixture
+def tiny_config() -> Path:
+    """models/cldm_tiny.yaml: the ControlLDM every CPU test trains and samples."""
+    return TINY_CONFIG

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,22 +33,20 @@ import tool_sample
 import tool_transfer_control
 import tutorial_train
 import tutorial_train_dist
-from cldm import checkpoint_io
-from cldm.checkpoint_io import save_state_dict
+from ldm import checkpoint as checkpoint_io
+from cldm.checkpoints.saving import save_state_dict
 from cldm.cli import run
 from cldm.model import create_model
 from cldm.sampling import prepare_hint
-from cldm.training import check_dataset
-from tool_make_random_sd import random_base_state_dict
-from tutorial_dataset import MyDataset
+from cldm.training.job import check_dataset
+from cldm.checkpoints.random_weights import random_base_state_dict
+from cldm.data.dataset import MyDataset
 
-_HELPERS = str(Path(__file__).resolve().parent / "helpers")  # test-only modules, also config targets
-if _HELPERS not in sys.path:
-    sys.path.insert(0, _HELPERS)
-from tiny_training import TINY_CONFIG, make_data, make_initial_weights  # noqa: E402
+from tiny_training import TINY_CONFIG, make_data, make_initial_weights
+from tests.helpers.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-CATALOGUE = REPO / "docs" / "bad_inputs.md"
+
+CATALOGUE = REPO_ROOT / "docs" / "bad_inputs.md"
 TINY = str(TINY_CONFIG)
 
 # Key names that make a state dict look like a given model (see detect_base_model).
@@ -348,7 +345,7 @@ def _(inputs, tmp, monkeypatch):
 @row("fill50k-output-exists")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_make_fill50k.main, ["--out", inputs.data, "--count", "2", "--size", "64", "--quiet"],
-                f"{inputs.data} already exists; use --force to replace it or choose another output.")
+                f"output folder '{inputs.data}' already exists; choose another name or pass --force")
 
 
 @row("fill50k-size-not-multiple-of-8")
@@ -360,7 +357,7 @@ def _(inputs, tmp, monkeypatch):
 @row("fill50k-output-parent-missing")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_make_fill50k.main, ["--out", tmp / "training" / "fill50k", "--count", "2", "--quiet"],
-                f"The output's parent folder {tmp}/training does not exist; create it first.")
+                f"output folder '{tmp}/training' does not exist; create it first")
 
 
 @row("fill50k-count-zero")

@@ -11,13 +11,14 @@ from omegaconf import OmegaConf
 
 import tool_add_control
 import tool_add_control_sd21
-from cldm.checkpoint_io import read_state_dict, save_state_dict
+from cldm.checkpoints.saving import save_state_dict
+from ldm.checkpoint import read_state_dict
 from cldm.cli import run
 from cldm.model import create_model, load_weights
-from cldm.surgery import add_control, control_source_key
+from cldm.checkpoints.surgery import add_control, control_source_key
+from tests.helpers.paths import TINY_CONFIG
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO_ROOT / "models" / "cldm_tiny.yaml"
+
 needs_tiny_config = pytest.mark.skipif(
     not TINY_CONFIG.exists(), reason="models/cldm_tiny.yaml (tiny ControlLDM config) is not there yet"
 )

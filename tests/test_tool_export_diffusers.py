@@ -10,13 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 import tool_export_diffusers
-from cldm.checkpoint_io import save_state_dict
+from cldm.checkpoints.saving import save_state_dict
 from cldm.cldm import ControlNet
 from cldm.cli import run
 from tests.helpers.random_weights import control_params, random_control_net
+from tests.helpers.paths import REPO_ROOT, TINY_CONFIG
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = str(REPO_ROOT / "models" / "cldm_tiny.yaml")
+
+TINY = str(TINY_CONFIG)
 V15 = str(REPO_ROOT / "models" / "cldm_v15.yaml")
 
 
@@ -65,6 +66,7 @@ def test_tiny_export_loads_in_diffusers_with_the_same_residuals(tmp_path, tiny_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["control.safetensors", "exported"]  # no temp folder left
 
 
+@pytest.mark.slow
 def test_sd15_architecture_export_has_the_same_residuals(tmp_path) -> None:
     pytest.importorskip("diffusers")
     net = random_control_net(control_params(V15))

@@ -8,14 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 import tool_extract_control
-from cldm.checkpoint_io import CONTROL_PREFIX, save_state_dict
+from cldm.checkpoints.kinds import CONTROL_PREFIX
+from cldm.checkpoints.saving import save_state_dict
 from cldm.cli import run
 from cldm.model import create_model, load_weights
 from cldm.sampling import load_control_ldm, merge_base_and_control
 from tests.helpers.random_weights import model_without_zero_layers
+from tests.helpers.paths import REPO_ROOT, TINY_CONFIG
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = str(REPO_ROOT / "models" / "cldm_tiny.yaml")
+
+TINY = str(TINY_CONFIG)
 V15 = str(REPO_ROOT / "models" / "cldm_v15.yaml")
 
 

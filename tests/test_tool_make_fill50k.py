@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageColor
 
 import tool_make_fill50k
-from cldm import fill50k
-from cldm.fill50k import NAMED_COLOURS, generate_fill50k, sample_item
+from cldm.data import fill50k
+from cldm.data.fill50k import NAMED_COLOURS, generate_fill50k, sample_item
 
 COUNT, SIZE, SEED = 12, 64, 0
 PROMPT_PATTERN = re.compile(r"^([a-z ]+) circle with ([a-z ]+) background$")
@@ -126,6 +126,7 @@ def test_items_vary_and_circle_differs_from_background():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_for_any_worker_count(dataset, tmp_path):
     parallel = generate_fill50k(tmp_path / "two", COUNT, SIZE, SEED, workers=2, show_progress=False)
     files = all_files(dataset)
@@ -150,7 +151,8 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     (out / "mine.txt").write_text("keep me")
     code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--quiet"])
     assert code == 2
-    assert "already exists" in capsys.readouterr().err
+    message = f"output folder '{out}' already exists; choose another name or pass --force"
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert all_files(out) == ["mine.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fill50k"]
 
@@ -166,6 +168,7 @@ def test_staging_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["fill50k", live.name, other.name])
 
 
+@pytest.mark.slow
 def test_force_replaces_an_existing_data_set(tmp_path, capsys):
     out = tmp_path / "fill50k"
     generate_fill50k(out, 3, SIZE, seed=1, show_progress=False)
@@ -236,7 +239,7 @@ def test_missing_output_parent(tmp_path, capsys):
     code = tool_make_fill50k.main(["--out", str(tmp_path / "missing" / "fill50k"), "--count", "2", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("error: The output's parent folder") and "does not exist" in err
+    assert err == f"error: output folder '{tmp_path / 'missing'}' does not exist; create it first\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -245,7 +248,7 @@ def test_unwritable_output_parent(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     code = tool_make_fill50k.main(["--out", str(tmp_path / "fill50k"), "--count", "2", "--quiet"])
     assert code == 2
-    assert capsys.readouterr().err == f"error: The output's parent folder {tmp_path} is not writable.\n"
+    assert capsys.readouterr().err == f"error: output folder '{tmp_path}' is not writable; choose another folder\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -254,6 +257,7 @@ def test_debug_flag_shows_the_exception(tmp_path):
         tool_make_fill50k.main(["--out", str(tmp_path / "fill50k"), "--count", "0", "--debug"])
 
 
+@pytest.mark.slow
 def test_script_runs_as_a_program(tmp_path, repo_root):
     out = tmp_path / "fill50k"
     command = [sys.executable, "tool_make_fill50k.py", "--out", str(out), "--count", "3", "--size", "64"]

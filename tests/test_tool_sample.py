@@ -13,14 +13,16 @@ from PIL import Image
 from pytorch_lightning import seed_everything
 
 import tool_sample
-from cldm.checkpoint_io import CONTROL_PREFIX, save_state_dict
+from cldm.checkpoints.kinds import CONTROL_PREFIX
+from cldm.checkpoints.saving import save_state_dict
 from cldm.cli import run
 from cldm.ddim_hacked import DDIMSampler
 from cldm.sampling import SampleSettings, hwc3, load_control_ldm, prepare_hint, read_image, resize_image, sample_images
 from tests.helpers.random_weights import model_without_zero_layers
+from tests.helpers.paths import TINY_CONFIG
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = str(REPO_ROOT / "models" / "cldm_tiny.yaml")
+
+TINY = str(TINY_CONFIG)
 
 
 @pytest.fixture(scope="module")

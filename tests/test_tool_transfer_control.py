@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tool_transfer_control
-from cldm import checkpoint_io
-from cldm.checkpoint_io import read_state_dict, save_state_dict
+from ldm import checkpoint as checkpoint_io
+from cldm.checkpoints.saving import save_state_dict
+from ldm.checkpoint import read_state_dict
 from cldm.cli import run
 
 UNET_TO_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"

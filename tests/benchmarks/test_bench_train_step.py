@@ -5,17 +5,16 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import bench_train_step
 from benchmarks.bench_train_step import TINY_CONFIG, VARIANT_OPTIONS, Job, build_parser, diffusers_configs, plan
+from tests.helpers.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
+@pytest.mark.slow
 def test_benchmark_prints_the_table_for_both_sides_of_the_same_architecture():
     command = [sys.executable, "-m", "benchmarks.bench_train_step", "--tiny", "--resolution", "64", "--steps", "1",
                "--warmup", "0", "--rounds", "1", "--checkpointing", "off"]

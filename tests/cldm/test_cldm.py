@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +10,13 @@ from omegaconf import OmegaConf
 from cldm.cldm import ControlLDM, control_scales_for
 from cldm.model import create_model
 from ldm.util import instantiate_from_config
-
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures"
-TINY_CONFIG = REPO / "models" / "cldm_tiny.yaml"
+from tests.helpers.paths import FIXTURES, MODELS, TINY_CONFIG
 
 
 @pytest.mark.parametrize("version", ["v15", "v21"])
 def test_full_model_state_dict_equals_original_layout(version):
     expected = json.loads((FIXTURES / f"keys_cldm_{version}.json").read_text())
-    config = OmegaConf.load(REPO / "models" / f"cldm_{version}.yaml")
+    config = OmegaConf.load(MODELS / f"cldm_{version}.yaml")
     with torch.device("meta"):  # full size, no memory
         model = instantiate_from_config(config.model)
     got = {key: [list(value.shape), str(value.dtype).removeprefix("torch.")] for key, value in model.state_dict().items()}
@@ -125,3 +121,19 @@ def test_training_step_only_updates_the_control_model():
     loss.backward()
     assert all(p.grad is None for p in model.model.parameters())
     assert all(p.grad is not None for p in model.control_model.parameters())
+
+
+def test_training_settings_are_constructor_arguments():
+    """The job passes sd_locked, the learning rate and its optimizer factory to the constructor (no attribute
+    assignments after construction); the default optimizer is AdamW over the trainable parameters."""
+    calls = []
+
+    def factory(params, lr):
+        calls.append((len(params), lr))
+        return torch.optim.SGD(params, lr=lr)
+
+    model = create_model(str(TINY_CONFIG), sd_locked=False, learning_rate=3e-4, optimizer_factory=factory)
+    assert not model.sd_locked and isinstance(model.configure_optimizers(), torch.optim.SGD)
+    assert calls == [(len(model.trainable_parameters()), 3e-4)]
+    default = create_model(str(TINY_CONFIG)).configure_optimizers()
+    assert type(default) is torch.optim.AdamW and default.defaults["lr"] == 1e-5

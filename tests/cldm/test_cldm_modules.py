@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from cldm.cldm import ControlledUnetModel, ControlNet
 from ldm.modules.attention import BasicTransformerBlock
-from ldm.modules.diffusionmodules.openaimodel import ResBlock
+from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 from tests.helpers.random_weights import randomize_
 
 TINY = dict(
@@ -219,3 +219,11 @@ def test_tiny_parity_with_the_original(attn_backend, fixtures_dir):
         assert rows[name] < 1e-5, (name, rows[name])
     # These gradients are ill-conditioned in float32: the same code in float32 vs float64 differs by ~7e-5.
     assert rows["grads_control"] < 1e-3, rows["grads_control"]
+
+
+def test_unet_and_controlnet_share_one_configuration():
+    """Both constructors take UNetConfig's fields: the same unknown key is refused by both, the same value read."""
+    for build, extra in ((UNetModel, {"out_channels": 4}), (ControlNet, {"hint_channels": 3})):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'not_a_field'"):
+            build(**TINY, **extra, not_a_field=1)
+        assert build(**TINY, **extra, use_fp16=True).dtype == torch.float16

@@ -7,15 +7,15 @@ two DDIM steps. Every gating row must agree within 1e-5 relative.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from cldm.model import create_model
 from ldm.models.diffusion.ddim import DDIMSampler
+from tests.helpers.paths import PARITY_DIR
 
-PARITY_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_parity"
+
 TOLERANCE = 1e-5
 
 

@@ -21,9 +21,9 @@ import pytorch_lightning as pl
 import torch
 
 import tutorial_train
-from cldm import training
-from cldm.atomic_checkpoint_io import AtomicCheckpointIO
-from cldm.checkpoint_io import atomic_write
+from cldm.training import job as training
+from cldm.checkpoints.lightning_io import AtomicCheckpointIO
+from cldm.checkpoints.atomic import atomic_write
 from cldm.cli import run
 
 

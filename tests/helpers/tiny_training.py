@@ -9,12 +9,12 @@ from omegaconf import OmegaConf
 
 import tool_make_fill50k
 from cldm.model import create_model
-from cldm.surgery import add_control
-from tool_make_random_sd import random_base_state_dict
+from cldm.checkpoints.surgery import add_control
+from cldm.checkpoints.random_weights import random_base_state_dict
+from tests.helpers.paths import REPO_ROOT, TINY_CONFIG
 
-REPO = Path(__file__).resolve().parents[2]
+
 HELPERS = Path(__file__).resolve().parent
-TINY_CONFIG = REPO / "models" / "cldm_tiny.yaml"
 
 
 def make_initial_weights(path: Path, config: Path = TINY_CONFIG) -> Path:
@@ -53,4 +53,4 @@ def train_args(initial: Path, data: Path, root: Path, *extra: str, config: Path 
 def subprocess_env() -> dict[str, str]:
     """Environment of training subprocesses: the repository and the helpers importable, one thread each
     (the same numerics in every process, and two processes can share two cores)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HELPERS)]), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HELPERS)]), "OMP_NUM_THREADS": "1"}

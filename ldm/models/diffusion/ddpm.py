@@ -235,7 +235,7 @@ class DDPM(pl.LightningModule):
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         """Load weights non-strictly from `path`, dropping keys that start with any of `ignore_keys`."""
-        from cldm.checkpoint_io import read_state_dict
+        from ldm.checkpoint import read_state_dict
 
         state_dict = read_state_dict(path)
         state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in ignore_keys)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -248,7 +248,12 @@ def _as_list(value):
 
 @dataclass
 class UNetConfig:
-    """The UNet constructor arguments that shape the encoder, the middle block and the decoder, validated."""
+    """The constructor arguments UNetModel and ControlNet share (the `params:` of a yaml's `unet_config` and
+    `control_stage_config`), validated: they shape the encoder, the middle block and the decoder.
+
+    `image_size` is kept for config compatibility and unused; `use_fp16` runs the blocks in float16; `n_embed`
+    gives the UNet a codebook head (ControlNet accepts and ignores it).
+    """
 
     in_channels: int
     model_channels: int
@@ -274,6 +279,9 @@ class UNetConfig:
     disable_middle_self_attn: bool = False
     use_linear_in_transformer: bool = False
     attn_backend: str = "sdpa"
+    image_size: int | None = None
+    use_fp16: bool = False
+    n_embed: int | None = None
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -429,7 +437,7 @@ def build_decoder(config: UNetConfig, skip_channels: Sequence[int]) -> nn.Module
 
 # Blocks never checkpointed. The middle block runs at the lowest resolution (8x8 for a 512 px image): its
 # activations are 1/64 of the first level's per channel while its weights are the heaviest, so recomputing it in
-# backward costs FLOPs (1.9 GFLOP of the SD1.5 ControlNet's step at 256 px) to save almost no memory.
+# backward costs FLOPs to save almost no memory.
 UNCHECKPOINTED_BLOCKS = ("middle_block",)
 
 
@@ -452,8 +460,9 @@ def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
 class UNetModel(nn.Module):
     """The full UNet with timestep embedding, optional class labels and cross-attention to a context.
 
+    Takes `out_channels`, `num_classes` and the fields of `UNetConfig` as keyword arguments (a yaml's `params:`).
+
     Args:
-        image_size: kept for config compatibility; unused.
         in_channels, out_channels: channels of the input and output tensors.
         model_channels: base width; level `i` has `model_channels * channel_mult[i]` channels.
         num_res_blocks: ResBlocks per level (an int, or one per level).
@@ -467,58 +476,16 @@ class UNetModel(nn.Module):
         The remaining arguments are those of the original constructor, with the same defaults.
     """
 
-    def __init__(
-        self,
-        image_size: int | None,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int | Sequence[int],
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: int | None = None,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | Sequence[int] | None = None,
-        n_embed: int | None = None,
-        legacy: bool = True,
-        disable_self_attentions: Sequence[bool] | None = None,
-        num_attention_blocks: Sequence[int] | None = None,
-        disable_middle_self_attn: bool = False,
-        use_linear_in_transformer: bool = False,
-        attn_backend: str = "sdpa",
-    ) -> None:
+    def __init__(self, out_channels: int, num_classes: int | None = None, **params: Any) -> None:
         super().__init__()
-        config = UNetConfig(
-            in_channels=in_channels, model_channels=model_channels, num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions, dropout=dropout, channel_mult=channel_mult,
-            conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order, use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth, context_dim=context_dim, legacy=legacy,
-            disable_self_attentions=disable_self_attentions, num_attention_blocks=num_attention_blocks,
-            disable_middle_self_attn=disable_middle_self_attn, use_linear_in_transformer=use_linear_in_transformer,
-            attn_backend=attn_backend,
-        )
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
+        config = UNetConfig(**params)
+        self.image_size = config.image_size
+        self.in_channels = config.in_channels
+        self.model_channels = config.model_channels
         self.out_channels = out_channels
         self.num_classes = num_classes
-        self.dtype = torch.float16 if use_fp16 else torch.float32
-        self.predict_codebook_ids = n_embed is not None
+        self.dtype = torch.float16 if config.use_fp16 else torch.float32
+        self.predict_codebook_ids = config.n_embed is not None
 
         encoder = build_encoder(config)
         self.time_embed = encoder.time_embed
@@ -527,13 +494,13 @@ class UNetModel(nn.Module):
         self.input_blocks = encoder.input_blocks
         self.middle_block = encoder.middle_block
         self.output_blocks = build_decoder(config, encoder.skip_channels)
-        out_ch = model_channels * config.channel_mult[0]
+        out_ch = config.model_channels * config.channel_mult[0]
         self.out = nn.Sequential(
-            normalization(out_ch), nn.SiLU(), zero_module(conv_nd(dims, out_ch, out_channels, 3, padding=1))
+            normalization(out_ch), nn.SiLU(), zero_module(conv_nd(config.dims, out_ch, out_channels, 3, padding=1))
         )
         if self.predict_codebook_ids:
-            self.id_predictor = nn.Sequential(normalization(out_ch), conv_nd(dims, out_ch, n_embed, 1))
-        set_gradient_checkpointing(self, use_checkpoint)
+            self.id_predictor = nn.Sequential(normalization(out_ch), conv_nd(config.dims, out_ch, config.n_embed, 1))
+        set_gradient_checkpointing(self, config.use_checkpoint)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn activation checkpointing on or off in every block but the middle one (UNCHECKPOINTED_BLOCKS)."""

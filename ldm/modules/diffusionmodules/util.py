@@ -145,7 +145,7 @@ _PLAIN_CHECKPOINT_OPTIONS = {"use_reentrant": False}
 # fused kernels are fast and the step is bound by launching operators, so there the policy costs more than it
 # saves (H100, 512 px, batch 4: 0.376 against 0.294 s per step) and plain checkpointing recomputes everything.
 # Newer torch releases can route the tensors a policy keeps through surrounding saved-tensor hooks (such as
-# cldm.performance.recomputed_weight_casts), like every other tensor saved for backward, and warn until asked to
+# cldm.training.speed.recomputed_weight_casts), like every other tensor saved for backward, and warn until asked to
 # choose; older ones always bypass the hooks, which is harmless for kept attention outputs.
 _SELECTIVE_CHECKPOINT_OPTIONS = {
     **_PLAIN_CHECKPOINT_OPTIONS,

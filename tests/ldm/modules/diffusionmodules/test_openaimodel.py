@@ -238,7 +238,8 @@ def test_class_labels_are_required_exactly_for_class_conditional_models():
 @pytest.mark.parametrize("use_new_attention_order", [False, True])
 def test_legacy_attention_variant_with_resblock_resampling(use_new_attention_order):
     unet = UNetModel(
-        None, 3, 32, 5, num_res_blocks=[1, 2], attention_resolutions=[2], channel_mult=[1, 2], num_head_channels=16,
+        image_size=None, in_channels=3, model_channels=32, out_channels=5,
+        num_res_blocks=[1, 2], attention_resolutions=[2], channel_mult=[1, 2], num_head_channels=16,
         use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=use_new_attention_order,
     )
     sites = [m for m in unet.modules() if isinstance(m, AttentionBlock)]
@@ -254,7 +255,8 @@ def test_legacy_head_logic_keeps_original_shapes():
     # through for AttentionBlock (-1 -> num_heads heads).
     spatial = UNetModel(**{**TINY_UNET, "legacy": True, "num_heads": -1, "num_head_channels": 16})
     assert [b.attn1.heads for b in spatial.modules() if isinstance(b, BasicTransformerBlock)][:2] == [2, 4]
-    plain = UNetModel(None, 4, 32, 4, 1, [1], channel_mult=[1], num_heads=4, legacy=True)
+    plain = UNetModel(image_size=None, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                      attention_resolutions=[1], channel_mult=[1], num_heads=4, legacy=True)
     assert {m.num_heads for m in plain.modules() if isinstance(m, AttentionBlock)} == {4}
 
 

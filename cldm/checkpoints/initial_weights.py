@@ -1,0 +1,88 @@
+"""The initial ControlNet checkpoint: a Stable Diffusion checkpoint plus a ControlNet initialised from its UNet
+encoder (what tool_add_control.py and tool_add_control_sd21.py run).
+
+The hint encoder, zero convolutions and middle-block output are newly initialised (zero convolutions are zero).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, detect_base_model
+from cldm.checkpoints.paths import check_output_path, checkpoint_format
+from cldm.checkpoints.saving import save_state_dict
+from cldm.checkpoints.surgery import add_control, control_source_key
+from cldm.model import check_config_path, create_model, load_weights
+from ldm.checkpoint import PathLike, check_input_path, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+# Per Stable Diffusion version: the script that handles it and its default config.
+SCRIPTS = {"sd1": "tool_add_control.py", "sd2": "tool_add_control_sd21.py"}
+DEFAULT_CONFIGS = {"sd1": "./models/cldm_v15.yaml", "sd2": "./models/cldm_v21.yaml"}
+
+
+def _check_base_model(kind: str, base: str, input_path: PathLike) -> None:
+    """Refuse a checkpoint that is not the Stable Diffusion version this script handles."""
+    if kind == base:
+        return
+    looks_like = f"'{input_path}' looks like {BASE_MODEL_DESCRIPTIONS[kind]}"
+    if kind in SCRIPTS:
+        raise ValueError(f"{looks_like}; use {SCRIPTS[kind]} for it")
+    if kind.startswith("controlnet"):
+        raise ValueError(f"{looks_like}; pass the plain Stable Diffusion checkpoint the ControlNet should be added to")
+    if kind == "diffusers":
+        raise ValueError(f"{looks_like}; pass the original single-file .ckpt or .safetensors checkpoint")
+    raise ValueError(f"{looks_like}; expected {BASE_MODEL_DESCRIPTIONS[base]} with model.diffusion_model.* keys")
+
+
+def _build_model(config: PathLike, seed: int | None) -> torch.nn.Module:
+    """The freshly initialised ControlLDM; with a seed, without touching the caller's RNG state."""
+    if seed is None:
+        return create_model(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(config)
+
+
+def _group_by_module(keys: Sequence[str]) -> str:
+    """`control_model.zero_convs (24), ...`: keys counted by their first two name components."""
+    groups = Counter(".".join(key.split(".")[:2]) for key in keys)
+    return ", ".join(f"{prefix} ({count})" for prefix, count in groups.items())
+
+
+def make_initial_checkpoint(input_path: PathLike, output_path: PathLike, config: PathLike, base: str = "sd1",
+                            seed: int | None = None) -> None:
+    """Add a ControlNet, initialised from the UNet encoder, to the Stable Diffusion `base` checkpoint `input_path`
+    and save the ControlLDM of `config` to `output_path`; `seed` seeds the newly initialised weights."""
+    start = time.perf_counter()
+
+    # 1. cheap checks before any heavy work
+    check_input_path(input_path, role="input checkpoint")
+    check_config_path(config)
+    checkpoint_format(output_path)
+    check_output_path(output_path)
+
+    # 2. read the base model and make sure it is the right one
+    base_state_dict = read_state_dict(input_path)
+    _check_base_model(detect_base_model(base_state_dict), base, input_path)
+
+    # 3. build the model, map the weights, load them strictly, save
+    model = _build_model(config, seed)
+    merged, newly_added = add_control(model.state_dict(), base_state_dict)
+    load_weights(model, merged, source=input_path, config=config)
+    used_keys = {control_source_key(key) for key in merged}
+    ignored = sum(1 for key in base_state_dict if key not in used_keys)
+    del merged, base_state_dict
+    save_state_dict(model.state_dict(), output_path)
+
+    logger.info(
+        "Copied %d tensors from %s, newly added %d: %s; ignored %d input keys the model does not use.",
+        len(model.state_dict()) - len(newly_added), input_path, len(newly_added),
+        _group_by_module(newly_added) or "none", ignored,
+    )
+    logger.info("Done in %.1f s.", time.perf_counter() - start)

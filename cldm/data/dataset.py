@@ -1,0 +1,146 @@
+"""The tutorial's data set: Fill50K-format folders of (source, target, prompt) items for ControlNet training.
+
+A data set folder holds ``prompt.json`` (JSON Lines, one ``{"source", "target", "prompt"}`` object per
+line, image paths relative to the folder) and the images it lists. Make Fill50K with
+``python tool_make_fill50k.py`` or unzip ``training/fill50k.zip`` into ``training/fill50k/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from cldm.data.data_order import Visit
+
+REQUIRED_KEYS = ("source", "target", "prompt")
+
+
+def read_prompt_file(path: str) -> list[dict[str, str]]:
+    """The records of a JSON Lines prompt file, blank lines skipped; errors name the line number."""
+    with open(path, "rb") as file:
+        raw_lines = file.read().splitlines()
+    records = [_parse_line(raw, number, path) for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
+    if not records:
+        raise ValueError(f"{path} lists no items; add one JSON object per line with keys {', '.join(REQUIRED_KEYS)}.")
+    return records
+
+
+def _parse_line(raw: bytes, number: int, path: str) -> dict[str, str]:
+    try:
+        text = raw.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError:
+        raise ValueError(f"Line {number} of {path} is not UTF-8 text; save the file as UTF-8.") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Line {number} of {path} is not valid JSON ({error.msg}).") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"Line {number} of {path} is not a JSON object with keys {', '.join(REQUIRED_KEYS)}.")
+    for key in REQUIRED_KEYS:
+        if not isinstance(record.get(key), str):
+            raise ValueError(f"Line {number} of {path} lacks the text key {key!r}.")
+    return record
+
+
+class MyDataset(Dataset):
+    """Items of ``<root>/prompt.json`` as ``dict(jpg=target in [-1, 1], txt=prompt, hint=source in [0, 1])``.
+
+    Both images are float32 RGB arrays of shape (H, W, 3). With the defaults this is the original
+    tutorial's data set. Prompt dropout of a `Visit` (what the training's sampler yields) draws from
+    ``(visit seed, epoch, index)``, so a resumed run and any number of DataLoader workers drop the same
+    prompts. Indexed by an integer, it draws from a NumPy generator made once per process: from
+    ``(seed, DataLoader worker id)`` when `seed` is set, else from ``torch.initial_seed()``, which
+    DataLoader workers derive from the main process's torch seed.
+
+    Args:
+        root: the data set folder holding prompt.json.
+        resolution: if set, both images are resized to resolution x resolution (a positive multiple of 8).
+        prompt_dropout: probability of replacing the prompt with "" (the paper drops 50 % for CFG training).
+        seed: seed of the prompt-dropout draws; None follows torch's seeding.
+    """
+
+    def __init__(
+        self,
+        root: str = "./training/fill50k",
+        resolution: int | None = None,
+        prompt_dropout: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        if resolution is not None and (resolution <= 0 or resolution % 8):
+            raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}.")
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be a probability between 0 and 1, got {prompt_dropout}.")
+        if seed is not None and seed < 0:
+            raise ValueError(f"seed must be zero or positive, got {seed}.")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"Data set folder {root} does not exist; make it with tool_make_fill50k.py or unzip fill50k.zip there."
+            )
+        prompt_path = os.path.join(root, "prompt.json")
+        if not os.path.isfile(prompt_path):
+            raise FileNotFoundError(f"{prompt_path} does not exist; the data set folder must hold a prompt.json.")
+        self.root = root
+        self.resolution = resolution
+        self.prompt_dropout = prompt_dropout
+        self.seed = seed
+        self.data = read_prompt_file(prompt_path)
+        self._rng: np.random.Generator | None = None
+        self._rng_owner: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx: int | Visit) -> dict[str, np.ndarray | str]:
+        item = self.data[idx.index if isinstance(idx, Visit) else idx]
+        source = self._read_rgb(item["source"])
+        target = self._read_rgb(item["target"])
+        if source.shape != target.shape:
+            raise ValueError(
+                f"Source {item['source']} is {source.shape[1]}x{source.shape[0]} px but target {item['target']} "
+                f"is {target.shape[1]}x{target.shape[0]} px; they must match."
+            )
+        if self.resolution is not None:
+            source, target = self._resize(source), self._resize(target)
+        prompt = item["prompt"]
+        if self.prompt_dropout > 0 and self._dropout_rng(idx).random() < self.prompt_dropout:
+            prompt = ""
+        # Control hint in [0, 1]; target in [-1, 1], the range the autoencoder expects. In place, the
+        # float32 results equal the original's `x.astype(np.float32) / 255.0` and `/ 127.5 - 1.0`.
+        hint = source.astype(np.float32)
+        hint /= 255.0
+        jpg = target.astype(np.float32)
+        jpg /= 127.5
+        jpg -= 1.0
+        return dict(jpg=jpg, txt=prompt, hint=hint)
+
+    def _read_rgb(self, relative_path: str) -> np.ndarray:
+        """uint8 RGB (H, W, 3); IMREAD_COLOR turns gray, RGBA and 16-bit files into 8-bit BGR first."""
+        path = os.path.join(self.root, relative_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Image {path} listed in prompt.json does not exist.")
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"Image {path} could not be read; it is not an image file OpenCV can decode.")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        shrinking = image.shape[0] * image.shape[1] > self.resolution**2
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        return cv2.resize(image, (self.resolution, self.resolution), interpolation=interpolation)
+
+    def _dropout_rng(self, idx: int | Visit) -> np.random.Generator:
+        """A generator of this visit; for an integer index, this process's generator, made on first use so that
+        each DataLoader worker draws its own stream."""
+        if isinstance(idx, Visit):
+            return np.random.default_rng([idx.seed, idx.epoch, idx.index])
+        worker = get_worker_info()
+        owner = (os.getpid(), worker.id if worker is not None else -1)
+        if self._rng_owner != owner:
+            entropy = torch.initial_seed() if self.seed is None else [self.seed, owner[1] + 1]
+            self._rng = np.random.default_rng(entropy)
+            self._rng_owner = owner
+        return self._rng

@@ -1,0 +1,404 @@
+"""Fill50K, the synthetic data set of the ControlNet tutorial, generated offline in its exact format.
+
+Each item N is a pair of PNGs and a prompt:
+
+* ``source/N.png``: black image with one anti-aliased white circle outline (the control hint);
+* ``target/N.png``: the same circle filled with one named colour, on a background of another;
+* prompt: ``"<circle colour> circle with <background colour> background"``.
+
+``prompt.json`` lists the items in index order as JSON Lines. Item N depends only on
+``(seed, N, size)``, so the bytes written do not depend on the number of worker processes.
+The data set is written into a temporary sibling folder and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from cldm.checkpoints.paths import check_output_path
+
+logger = logging.getLogger(__name__)
+# A run writes into `<out>.tmp-<its pid>` and renames it to `<out>` once complete.
+STAGING_SUFFIX = ".tmp-"
+
+# --------------------------------------------------------------------------------------------
+# Colours
+# --------------------------------------------------------------------------------------------
+
+# The CSS/X11 named colours (the "gray" spellings only), written as the words of the prompts.
+NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "alice blue": (240, 248, 255),
+    "antique white": (250, 235, 215),
+    "aqua": (0, 255, 255),
+    "aquamarine": (127, 255, 212),
+    "azure": (240, 255, 255),
+    "beige": (245, 245, 220),
+    "bisque": (255, 228, 196),
+    "black": (0, 0, 0),
+    "blanched almond": (255, 235, 205),
+    "blue": (0, 0, 255),
+    "blue violet": (138, 43, 226),
+    "brown": (165, 42, 42),
+    "burly wood": (222, 184, 135),
+    "cadet blue": (95, 158, 160),
+    "chartreuse": (127, 255, 0),
+    "chocolate": (210, 105, 30),
+    "coral": (255, 127, 80),
+    "cornflower blue": (100, 149, 237),
+    "corn silk": (255, 248, 220),
+    "crimson": (220, 20, 60),
+    "cyan": (0, 255, 255),
+    "dark blue": (0, 0, 139),
+    "dark cyan": (0, 139, 139),
+    "dark golden rod": (184, 134, 11),
+    "dark gray": (169, 169, 169),
+    "dark green": (0, 100, 0),
+    "dark khaki": (189, 183, 107),
+    "dark magenta": (139, 0, 139),
+    "dark olive green": (85, 107, 47),
+    "dark orange": (255, 140, 0),
+    "dark orchid": (153, 50, 204),
+    "dark red": (139, 0, 0),
+    "dark salmon": (233, 150, 122),
+    "dark sea green": (143, 188, 143),
+    "dark slate blue": (72, 61, 139),
+    "dark slate gray": (47, 79, 79),
+    "dark turquoise": (0, 206, 209),
+    "dark violet": (148, 0, 211),
+    "deep pink": (255, 20, 147),
+    "deep sky blue": (0, 191, 255),
+    "dim gray": (105, 105, 105),
+    "dodger blue": (30, 144, 255),
+    "fire brick": (178, 34, 34),
+    "floral white": (255, 250, 240),
+    "forest green": (34, 139, 34),
+    "fuchsia": (255, 0, 255),
+    "gainsboro": (220, 220, 220),
+    "ghost white": (248, 248, 255),
+    "gold": (255, 215, 0),
+    "golden rod": (218, 165, 32),
+    "gray": (128, 128, 128),
+    "green": (0, 128, 0),
+    "green yellow": (173, 255, 47),
+    "honey dew": (240, 255, 240),
+    "hot pink": (255, 105, 180),
+    "indian red": (205, 92, 92),
+    "indigo": (75, 0, 130),
+    "ivory": (255, 255, 240),
+    "khaki": (240, 230, 140),
+    "lavender": (230, 230, 250),
+    "lavender blush": (255, 240, 245),
+    "lawn green": (124, 252, 0),
+    "lemon chiffon": (255, 250, 205),
+    "light blue": (173, 216, 230),
+    "light coral": (240, 128, 128),
+    "light cyan": (224, 255, 255),
+    "light golden rod yellow": (250, 250, 210),
+    "light gray": (211, 211, 211),
+    "light green": (144, 238, 144),
+    "light pink": (255, 182, 193),
+    "light salmon": (255, 160, 122),
+    "light sea green": (32, 178, 170),
+    "light sky blue": (135, 206, 250),
+    "light slate gray": (119, 136, 153),
+    "light steel blue": (176, 196, 222),
+    "light yellow": (255, 255, 224),
+    "lime": (0, 255, 0),
+    "lime green": (50, 205, 50),
+    "linen": (250, 240, 230),
+    "magenta": (255, 0, 255),
+    "maroon": (128, 0, 0),
+    "medium aquamarine": (102, 205, 170),
+    "medium blue": (0, 0, 205),
+    "medium orchid": (186, 85, 211),
+    "medium purple": (147, 112, 219),
+    "medium sea green": (60, 179, 113),
+    "medium slate blue": (123, 104, 238),
+    "medium spring green": (0, 250, 154),
+    "medium turquoise": (72, 209, 204),
+    "medium violet red": (199, 21, 133),
+    "midnight blue": (25, 25, 112),
+    "mint cream": (245, 255, 250),
+    "misty rose": (255, 228, 225),
+    "moccasin": (255, 228, 181),
+    "navajo white": (255, 222, 173),
+    "navy": (0, 0, 128),
+    "old lace": (253, 245, 230),
+    "olive": (128, 128, 0),
+    "olive drab": (107, 142, 35),
+    "orange": (255, 165, 0),
+    "orange red": (255, 69, 0),
+    "orchid": (218, 112, 214),
+    "pale golden rod": (238, 232, 170),
+    "pale green": (152, 251, 152),
+    "pale turquoise": (175, 238, 238),
+    "pale violet red": (219, 112, 147),
+    "papaya whip": (255, 239, 213),
+    "peach puff": (255, 218, 185),
+    "peru": (205, 133, 63),
+    "pink": (255, 192, 203),
+    "plum": (221, 160, 221),
+    "powder blue": (176, 224, 230),
+    "purple": (128, 0, 128),
+    "rebecca purple": (102, 51, 153),
+    "red": (255, 0, 0),
+    "rosy brown": (188, 143, 143),
+    "royal blue": (65, 105, 225),
+    "saddle brown": (139, 69, 19),
+    "salmon": (250, 128, 114),
+    "sandy brown": (244, 164, 96),
+    "sea green": (46, 139, 87),
+    "sea shell": (255, 245, 238),
+    "sienna": (160, 82, 45),
+    "silver": (192, 192, 192),
+    "sky blue": (135, 206, 235),
+    "slate blue": (106, 90, 205),
+    "slate gray": (112, 128, 144),
+    "snow": (255, 250, 250),
+    "spring green": (0, 255, 127),
+    "steel blue": (70, 130, 180),
+    "tan": (210, 180, 140),
+    "teal": (0, 128, 128),
+    "thistle": (216, 191, 216),
+    "tomato": (255, 99, 71),
+    "turquoise": (64, 224, 208),
+    "violet": (238, 130, 238),
+    "wheat": (245, 222, 179),
+    "white": (255, 255, 255),
+    "white smoke": (245, 245, 245),
+    "yellow": (255, 255, 0),
+    "yellow green": (154, 205, 50),
+}
+
+COLOUR_NAMES: tuple[str, ...] = tuple(NAMED_COLOURS)
+
+# --------------------------------------------------------------------------------------------
+# One item: sampling and drawing
+# --------------------------------------------------------------------------------------------
+
+MIN_SIZE = 64
+OUTLINE_BGR = (255, 255, 255)
+OUTLINE_THICKNESS = 2
+# Fast settings: a level-1 zlib stream without PNG row filters suits these flat images.
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+
+
+@dataclass(frozen=True)
+class Fill50KItem:
+    """Everything that defines one item: circle centre (x, y) and radius in pixels, two colour names."""
+
+    index: int
+    centre: tuple[int, int]
+    radius: int
+    circle_colour: str
+    background_colour: str
+
+    @property
+    def prompt(self) -> str:
+        """The caption, e.g. "burly wood circle with orange background"."""
+        return f"{self.circle_colour} circle with {self.background_colour} background"
+
+    def record(self) -> dict[str, str]:
+        """The item's line of prompt.json."""
+        return {
+            "source": f"source/{self.index}.png",
+            "target": f"target/{self.index}.png",
+            "prompt": self.prompt,
+        }
+
+
+def sample_item(seed: int, index: int, size: int) -> Fill50KItem:
+    """Draw item `index` from its own random stream, seeded by (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    centre = (int(rng.integers(size)), int(rng.integers(size)))
+    radius = int(rng.integers(size // 16, size * 5 // 16, endpoint=True))
+    background = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
+    # Some names share one RGB value ("aqua" and "cyan"): the circle must stay visible.
+    candidates = [name for name in COLOUR_NAMES if NAMED_COLOURS[name] != NAMED_COLOURS[background]]
+    circle = candidates[rng.integers(len(candidates))]
+    return Fill50KItem(index, centre, radius, circle, background)
+
+
+def draw_pair(item: Fill50KItem, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The item's (source, target) images: uint8 BGR arrays of shape (size, size, 3), as OpenCV writes them."""
+    source = np.zeros((size, size, 3), np.uint8)
+    cv2.circle(source, item.centre, item.radius, OUTLINE_BGR, OUTLINE_THICKNESS, cv2.LINE_AA)
+    target = _solid(size, _bgr(item.background_colour))
+    cv2.circle(target, item.centre, item.radius, _bgr(item.circle_colour), cv2.FILLED, cv2.LINE_AA)
+    return source, target
+
+
+def _solid(size: int, bgr: tuple[int, int, int]) -> np.ndarray:
+    image = np.empty((size, size, 3), np.uint8)
+    image[0] = bgr
+    image[1:] = image[0]  # Copying whole rows is far faster than broadcasting one pixel over the image.
+    return image
+
+
+def _bgr(name: str) -> tuple[int, int, int]:
+    red, green, blue = NAMED_COLOURS[name]
+    return blue, green, red
+
+
+# --------------------------------------------------------------------------------------------
+# Writing items
+# --------------------------------------------------------------------------------------------
+
+
+def write_items(folder: Path, seed: int, indices: range, size: int) -> list[dict[str, str]]:
+    """Write items `indices` into folder/source and folder/target; returns their prompt.json records."""
+    records = []
+    for index in indices:
+        item = sample_item(seed, index, size)
+        source, target = draw_pair(item, size)
+        record = item.record()
+        _write_png(folder / record["source"], source)
+        _write_png(folder / record["target"], target)
+        records.append(record)
+    return records
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image, PNG_PARAMS):
+        raise OSError(f"OpenCV could not write {path}.")
+
+
+def _write_chunk(task: tuple[Path, int, range, int]) -> tuple[range, list[dict[str, str]]]:
+    folder, seed, indices, size = task
+    return indices, write_items(folder, seed, indices, size)
+
+
+def _map_chunks(
+    folder: Path, seed: int, chunks: list[range], size: int, workers: int
+) -> Iterator[tuple[range, list[dict[str, str]]]]:
+    """Yield (indices, records) per chunk as chunks finish, in this process or in a pool."""
+    tasks = [(folder, seed, chunk, size) for chunk in chunks]
+    if workers == 1:
+        yield from map(_write_chunk, tasks)
+        return
+    # "spawn" keeps workers independent of whatever threads the calling process runs.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap_unordered(_write_chunk, tasks)
+
+
+def _render_all(
+    folder: Path, count: int, size: int, seed: int, workers: int, show_progress: bool
+) -> list[dict[str, str]]:
+    """Write all `count` items with a progress bar; returns their records in index order."""
+    chunk_size = max(1, min(64, count // (4 * workers)))
+    chunks = [range(start, min(start + chunk_size, count)) for start in range(0, count, chunk_size)]
+    records: list = [None] * count
+    with tqdm(total=count, unit="pair", desc="Fill50K", disable=not show_progress) as progress:
+        for indices, chunk_records in _map_chunks(folder, seed, chunks, size, workers):
+            records[indices.start : indices.stop] = chunk_records
+            progress.update(len(indices))
+    return records
+
+
+def _write_prompt_file(path: Path, records: list[dict[str, str]]) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+
+
+# --------------------------------------------------------------------------------------------
+# The data set
+# --------------------------------------------------------------------------------------------
+
+
+def check_arguments(out: Path, count: int, size: int, seed: int, workers: int, force: bool) -> None:
+    """Raise a one-sentence error for any argument that `generate_fill50k` cannot honour."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}.")
+    if size < MIN_SIZE or size % 8:
+        raise ValueError(f"size must be a multiple of 8 and at least {MIN_SIZE}, got {size}.")
+    if seed < 0:
+        raise ValueError(f"seed must be zero or positive, got {seed}.")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}.")
+    check_output_path(out, overwrite=force, folder=True, overwrite_flag="--force")
+
+
+def generate_fill50k(
+    out: str | os.PathLike,
+    count: int = 50_000,
+    size: int = 512,
+    seed: int = 0,
+    workers: int = 1,
+    force: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Write `count` Fill50K pairs of `size` px into the folder `out`, all or nothing; returns its path.
+
+    Args:
+        out: the data set folder; it must not exist unless `force`, its parent must.
+        workers: processes drawing and encoding; the bytes written do not depend on it.
+        force: replace an existing `out`, once the new data set is complete.
+    """
+    out = Path(out).absolute()
+    check_arguments(out, count, size, seed, workers, force)
+    remove_stale_staging(out)
+    staging = out.with_name(f"{out.name}{STAGING_SUFFIX}{os.getpid()}")
+    staging.mkdir()
+    try:
+        (staging / "source").mkdir()
+        (staging / "target").mkdir()
+        records = _render_all(staging, count, size, seed, workers, show_progress)
+        _write_prompt_file(staging / "prompt.json", records)
+        _move_into_place(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Wrote %d Fill50K pairs of %d px to %s.", count, size, out)
+    return out
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Delete the half-written `<out>.tmp-PID` folders of generator runs that were killed.
+
+    A folder whose process still runs (another generator writing the same output) is left alone.
+    """
+    for folder in sorted(out.parent.glob(f"{glob.escape(out.name)}{STAGING_SUFFIX}*")):
+        pid = folder.name[len(out.name) + len(STAGING_SUFFIX):]
+        if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("Removed %s, left behind by an interrupted run.", folder)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OverflowError:  # beyond the platform's pid range
+        return False
+    return True
+
+
+def _move_into_place(staging: Path, out: Path, force: bool) -> None:
+    """Rename the complete `staging` folder to `out`, retiring an existing `out` only when `force`."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    if not force:
+        raise FileExistsError(f"{out} appeared while the data set was written; use --force to replace it.")
+    retired = out.with_name(f"{out.name}.old-{os.getpid()}")
+    out.rename(retired)
+    try:
+        staging.rename(out)
+    except BaseException:
+        retired.rename(out)
+        raise
+    shutil.rmtree(retired)

@@ -1,0 +1,242 @@
+"""The training command line: one parser for the three training scripts, whose defaults equal the original
+scripts' constants, and the checks of its arguments before any heavy work."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cldm.training.callbacks import newest_checkpoint
+from ldm.checkpoint import read_checkpoint
+
+# Defaults of the original tutorial_train.py; the other scripts override a few of them.
+SINGLE_DEVICE_DEFAULTS: dict[str, Any] = dict(
+    config="./models/cldm_v15.yaml",
+    resume_path="./models/control_sd15_ini.ckpt",
+    batch_size=4,
+    logger_freq=300,
+    learning_rate=1e-5,
+    sd_locked=True,
+    only_mid_control=False,
+    precision="32",
+    num_workers=None,
+    devices=1,
+    num_nodes=1,
+    strategy="auto",
+    max_epochs=None,
+)
+SD21_DEFAULTS = {**SINGLE_DEVICE_DEFAULTS, "config": "./models/cldm_v21.yaml",
+                 "resume_path": "./models/control_sd21_ini.ckpt"}
+DISTRIBUTED_DEFAULTS = {**SINGLE_DEVICE_DEFAULTS, "devices": 8, "strategy": "ddp", "max_epochs": 50}
+
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "16": "16-mixed", "16-mixed": "16-mixed",
+              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
+ACCELERATORS = ("auto", "gpu", "cuda", "cpu")
+# Lightning strategy names we accept, and the package each needs beyond Lightning itself.
+STRATEGIES = {"auto": None, "ddp": None, "ddp_spawn": None, "ddp_find_unused_parameters_true": None,
+              "fsdp": None, "deepspeed_stage_1": "deepspeed", "deepspeed_stage_2": "deepspeed",
+              "deepspeed_stage_2_offload": "deepspeed", "deepspeed_stage_3": "deepspeed"}
+CHECKPOINT_DIRNAME = "checkpoints"
+# What a Lightning training checkpoint (what --resume_from_checkpoint continues) holds beyond model weights.
+TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
+# DataLoader workers per GPU by default (pinned memory and persistent workers come with them).
+MAX_GPU_WORKERS = 4
+# Image sides must be multiples of this: the VAE downsamples 8x and the UNet three more times.
+IMAGE_SIZE_MULTIPLE = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add `--name` and its hyphenated spelling `--na-me` as one option."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.ArgumentParser:
+    """The training CLI; every default is the original script's constant."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    _flag(model, "config", default=defaults["config"], help="model config (yaml, target/params)")
+    _flag(model, "resume_path", default=defaults["resume_path"],
+          help="initial weights: a full ControlLDM checkpoint made by tool_add_control.py")
+    _flag(model, "learning_rate", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
+    _flag(model, "sd_locked", action=argparse.BooleanOptionalAction, default=defaults["sd_locked"],
+          help="keep the Stable Diffusion decoder frozen (--no-sd_locked also trains output blocks and out)")
+    _flag(model, "only_mid_control", action=argparse.BooleanOptionalAction, default=defaults["only_mid_control"],
+          help="inject only the middle-block control residual")
+    _flag(model, "gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+          help="recompute activations in backward (default: the config's use_checkpoint)")
+
+    speed = parser.add_argument_group("speed and memory")
+    _flag(speed, "fused_adamw", action=argparse.BooleanOptionalAction, default=None,
+          help="AdamW as one fused kernel (default: whenever the parameters allow it)")
+    _flag(speed, "frozen_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+          help="store the frozen VAE, text encoder and locked UNet in this dtype (with a *-mixed --precision)")
+    _flag(speed, "channels_last", action="store_true", help="convolutions in channels-last memory format")
+    _flag(speed, "compile", action="store_true", help="torch.compile the UNet and the ControlNet")
+    _flag(speed, "float32_matmul_precision", default="highest", choices=("highest", "high", "medium"),
+          help="float32 matrix products: 'highest' keeps float32 (the original's numbers), 'high' lets GPUs use "
+               "TF32, 'medium' bf16 (also on CPUs with bf16 units); torch.set_float32_matmul_precision")
+    _flag(speed, "retain_host_memory", action=argparse.BooleanOptionalAction, default=None,
+          help="keep the host memory that tensors free for the next step instead of returning it to the system "
+               "(glibc's malloc; default: on when training on the CPU, where it saves the kernel re-mapping "
+               "gigabytes per step)")
+    _flag(speed, "optimizer_in_backward", action="store_true",
+          help="update each parameter in backward as soon as its gradient is ready, so all gradients never exist "
+               "at once (one device; not with gradient accumulation, clipping, 16-mixed or --skip_nonfinite)")
+
+    data = parser.add_argument_group("data")
+    _flag(data, "data_root", default="./training/fill50k", help="folder with prompt.json, source/ and target/")
+    _flag(data, "resolution", type=int, default=None, help="resize images to this size (multiple of 64)")
+    _flag(data, "batch_size", type=int, default=defaults["batch_size"], help="samples per device per step")
+    _flag(data, "num_workers", type=int, default=defaults["num_workers"],
+          help=f"DataLoader worker processes (default: 0 on CPU as the original, up to {MAX_GPU_WORKERS} per GPU)")
+    _flag(data, "prompt_dropout", type=float, default=0.0, help="probability of training with an empty prompt")
+
+    run = parser.add_argument_group("run")
+    _flag(run, "max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
+    _flag(run, "max_epochs", type=int, default=defaults["max_epochs"], help="stop after this many epochs")
+    _flag(run, "seed", type=int, default=None, help="seed everything (model noise, data order, workers)")
+    _flag(run, "accumulate_grad_batches", type=int, default=1, help="batches per optimizer step")
+    _flag(run, "gradient_clip_val", type=float, default=None, help="clip the gradient norm to this value")
+    _flag(run, "precision", default=defaults["precision"], help="32, bf16-mixed or 16-mixed")
+    _flag(run, "accelerator", default="auto", help="auto, gpu or cpu")
+    _flag(run, "devices", type=int, default=defaults["devices"], help="devices (GPUs or CPU processes) per node")
+    _flag(run, "num_nodes", type=int, default=defaults["num_nodes"], help="nodes (torchrun / SLURM launches)")
+    _flag(run, "strategy", default=defaults["strategy"], help="Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2")
+    _flag(run, "default_root_dir", default=".", help="where logs, image_log/ and checkpoints/ go")
+    _flag(run, "skip_nonfinite", action="store_true", help="skip batches with a NaN/inf loss instead of stopping")
+
+    outputs = parser.add_argument_group("checkpoints and logs")
+    _flag(outputs, "checkpoint_every_n_steps", type=int, default=1000, help="save a checkpoint every N steps")
+    _flag(outputs, "keep_last_k", type=int, default=3, help="step checkpoints to keep (last.ckpt links to the newest)")
+    _flag(outputs, "resume_from_checkpoint", default=None,
+          help="continue an interrupted run from this Lightning checkpoint ('last' finds the newest)")
+    _flag(outputs, "logger_freq", type=int, default=defaults["logger_freq"], help="log image grids every N batches")
+    _flag(outputs, "log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
+    _flag(outputs, "log_max_images", type=int, default=4, help="images per logged grid")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of the arguments, before any heavy work
+# ---------------------------------------------------------------------------------------------
+
+def _check_positive(name: str, value: int | float | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"--{name} must be a positive number, got {value}")
+
+
+def _resolve_resume(value: str | None, root: str) -> str | None:
+    """The checkpoint to resume from; 'last' means the newest in `<root>/checkpoints/`."""
+    if value is None:
+        return None
+    checkpoint_dir = Path(root, CHECKPOINT_DIRNAME)
+    path = (newest_checkpoint(checkpoint_dir) or checkpoint_dir / "last.ckpt") if value == "last" else Path(value)
+    if not path.is_file():
+        hint = (f"no checkpoint in {checkpoint_dir} yet; start without --resume_from_checkpoint" if value == "last"
+                else "check the path")
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} does not exist ({hint})")
+    _check_training_checkpoint(path)
+    return str(path)
+
+
+def _check_training_checkpoint(path: Path) -> None:
+    """Refuse a damaged, unsafe or weights-only file before training starts (tensors are memory-mapped, not read)."""
+    try:
+        checkpoint = read_checkpoint(path, mmap=True)
+    except ValueError as error:
+        raise ValueError(f"--resume_from_checkpoint: {error}") from error
+    missing = [key for key in TRAINING_CHECKPOINT_KEYS if not isinstance(checkpoint, Mapping) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint: {path} is not a training checkpoint (it has no "
+                         f"{', '.join(missing)}); to start a new run from its weights pass it as --resume_path")
+
+
+def uses_gpu(args: argparse.Namespace) -> bool:
+    """Whether the run trains on CUDA GPUs (asked for, or `auto` with one visible)."""
+    return args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+
+
+def retains_host_memory(args: argparse.Namespace) -> bool:
+    """`--retain_host_memory`, whose default is on when the run trains on the CPU."""
+    return not uses_gpu(args) if args.retain_host_memory is None else args.retain_host_memory
+
+
+def _check_hardware(args: argparse.Namespace) -> None:
+    if args.accelerator not in ACCELERATORS:
+        raise ValueError(f"--accelerator '{args.accelerator}' is not one of {', '.join(ACCELERATORS)}")
+    if args.strategy not in STRATEGIES:
+        raise ValueError(f"--strategy '{args.strategy}' is not one of {', '.join(STRATEGIES)}")
+    package = STRATEGIES[args.strategy]
+    if package and importlib.util.find_spec(package) is None:
+        raise ValueError(f"--strategy {args.strategy} needs the '{package}' package: pip install {package}")
+    on_gpu = uses_gpu(args)
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--accelerator {args.accelerator} needs a CUDA GPU and none is visible; "
+                         f"use --accelerator cpu")
+    if on_gpu and args.devices > torch.cuda.device_count():
+        raise ValueError(f"--devices {args.devices} asks for more GPUs than the {torch.cuda.device_count()} visible")
+    if args.accelerator == "auto" and not on_gpu and args.devices > 1:
+        raise ValueError(f"--devices {args.devices}: no GPU is visible, so this would start {args.devices} CPU "
+                         f"processes; pass --accelerator cpu to do that on purpose, or --devices 1")
+    if args.precision == "16-mixed" and not on_gpu:
+        raise ValueError("--precision 16-mixed needs a GPU; use bf16-mixed or 32 on the CPU")
+
+
+def _check_optimizer_in_backward(args: argparse.Namespace) -> None:
+    """Refuse what cannot work when each parameter is updated during backward, before the step is complete."""
+    if not args.optimizer_in_backward:
+        return
+    conflicts = {
+        "--accumulate_grad_batches > 1": args.accumulate_grad_batches > 1,
+        "--gradient_clip_val": args.gradient_clip_val is not None,
+        "--precision 16-mixed (loss scaling)": args.precision == "16-mixed",
+        "--skip_nonfinite": args.skip_nonfinite,
+        "more than one device or node": args.devices * args.num_nodes > 1,
+        f"--strategy {args.strategy}": args.strategy != "auto",
+    }
+    conflict = next((name for name, present in conflicts.items() if present), None)
+    if conflict is not None:
+        raise ValueError(f"--optimizer_in_backward updates each parameter during backward, which cannot be combined "
+                         f"with {conflict}; drop one of the two")
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate and normalise the arguments; raises ValueError/FileNotFoundError with one clear sentence."""
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"--precision '{args.precision}' is not one of 32, bf16-mixed, 16-mixed")
+    args.precision = PRECISIONS[args.precision]
+    for name in ("batch_size", "logger_freq", "devices", "num_nodes", "accumulate_grad_batches",
+                 "checkpoint_every_n_steps", "keep_last_k", "log_ddim_steps", "learning_rate"):
+        _check_positive(name, getattr(args, name), allow_none=False)
+    _check_positive("max_epochs", args.max_epochs)
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if not 0.0 <= args.prompt_dropout <= 1.0:
+        raise ValueError(f"--prompt_dropout must be in [0, 1], got {args.prompt_dropout}")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
+        raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
+    _check_hardware(args)
+    if args.frozen_dtype != "float32" and args.precision == "32-true":
+        raise ValueError(f"--frozen_dtype {args.frozen_dtype} needs --precision bf16-mixed or 16-mixed "
+                         "(half-precision weights without autocast would meet float32 inputs)")
+    _check_optimizer_in_backward(args)
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config: {args.config} does not exist")
+    args.resume_from_checkpoint = _resolve_resume(args.resume_from_checkpoint, args.default_root_dir)
+    if args.resume_from_checkpoint is None and not Path(args.resume_path).is_file():
+        raise FileNotFoundError(
+            f"--resume_path: {args.resume_path} does not exist; make it with "
+            f"`python tool_add_control.py <stable-diffusion.ckpt> {args.resume_path}`")
+    return args

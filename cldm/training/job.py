@@ -1,0 +1,215 @@
+"""The training job behind `tutorial_train.py`, `tutorial_train_sd21.py` and `tutorial_train_dist.py`: build the
+model, the data loader and the Trainer from the checked arguments, and fit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, default_collate
+
+from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, detect_base_model
+from cldm.checkpoints.lightning_io import AtomicCheckpointIO
+from cldm.cli import EXIT_INTERRUPTED
+from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler
+from cldm.data.dataset import MyDataset
+from cldm.logger import ImageLogger
+from cldm.model import create_model, load_state_dict, load_weights
+from cldm.training.arguments import (
+    CHECKPOINT_DIRNAME,
+    IMAGE_SIZE_MULTIPLE,
+    MAX_GPU_WORKERS,
+    build_parser,
+    check_args,
+    retains_host_memory,
+    uses_gpu,
+)
+from cldm.training.callbacks import GracefulStop, NonFiniteLossGuard, RandomStateCheckpoint, StepCheckpoint
+from cldm.training.host_memory import retain_freed_host_memory
+from cldm.training.optimizers import build_adamw
+from cldm.training.speed import apply_speed_options
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pieces
+# ---------------------------------------------------------------------------------------------
+
+def _load_initial_weights(model: pl.LightningModule, args: argparse.Namespace) -> None:
+    """`--resume_path` into the model, strictly; a plain Stable Diffusion checkpoint gets the tool to run first."""
+    state_dict = load_state_dict(args.resume_path, location="cpu")
+    kind = detect_base_model(state_dict)
+    if kind in ("sd1", "sd2"):
+        tool = "tool_add_control.py" if kind == "sd1" else "tool_add_control_sd21.py"
+        raise ValueError(f"--resume_path {args.resume_path} is {BASE_MODEL_DESCRIPTIONS[kind]} without a ControlNet; "
+                         f"make the initial weights with `python {tool} {args.resume_path} <output.ckpt>` and pass "
+                         f"those")
+    load_weights(model, state_dict, source=args.resume_path, config=args.config)
+
+
+def build_model(args: argparse.Namespace) -> pl.LightningModule:
+    """The ControlLDM of `--config` with the initial weights (skipped when resuming a run)."""
+    optimizer_factory = partial(build_adamw, fused=args.fused_adamw, in_backward=args.optimizer_in_backward)
+    model = create_model(args.config, learning_rate=args.learning_rate, sd_locked=args.sd_locked,
+                         only_mid_control=args.only_mid_control, optimizer_factory=optimizer_factory)
+    if args.resume_from_checkpoint is None:
+        _load_initial_weights(model, args)
+    if args.gradient_checkpointing is not None:
+        model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
+        model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
+    return apply_speed_options(model, frozen_dtype=getattr(torch, args.frozen_dtype), channels_last=args.channels_last,
+                               compile=args.compile)
+
+
+def check_dataset(root: str, resolution: int | None) -> None:
+    """Fail before training rather than hours into it: every listed image exists, and the first item loads at a
+    size the model takes (a corrupt image further on is reported when it is read)."""
+    probe = MyDataset(root=root)
+    listed = [os.path.join(root, record[key]) for record in probe.data for key in ("source", "target")]
+    missing = [path for path in listed if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {root}/prompt.json do not "
+                                f"exist (the first is {missing[0]}); restore them or remove their lines")
+    height, width = probe[0]["jpg"].shape[:2]
+    if resolution is None and (height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE):
+        raise ValueError(f"the images in {root} are {width}x{height} px but the model needs sides that are "
+                         f"multiples of {IMAGE_SIZE_MULTIPLE}; pass --resolution 512 (or another multiple of "
+                         f"{IMAGE_SIZE_MULTIPLE}) to resize them")
+
+
+def collate_same_size(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate`, with a clear error when one batch mixes image sizes."""
+    sizes = sorted({item["jpg"].shape[:2] for item in batch})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{width}x{height}" for height, width in sizes)
+        raise ValueError(f"one batch mixes images of different sizes ({shown} px); pass --resolution 512 (or another "
+                         f"multiple of {IMAGE_SIZE_MULTIPLE}) to resize them all")
+    return default_collate(batch)
+
+
+def default_num_workers(on_gpu: bool, devices: int) -> int:
+    """0 on CPU (the original's; workers would compete with the training threads), else up to `MAX_GPU_WORKERS`
+    per GPU, as many as the node's CPU cores allow."""
+    if not on_gpu:
+        return 0
+    return max(1, min(MAX_GPU_WORKERS, (os.cpu_count() or 1) // max(1, devices) - 1))
+
+
+def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
+    """Fill50K-format data, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank."""
+    dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
+                        seed=args.seed)
+    if args.batch_size > len(dataset):
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
+                         f"{args.data_root}; use a smaller batch size")
+    check_dataset(args.data_root, args.resolution)
+    sampler = ResumableRandomSampler(len(dataset), args.seed)
+    # Each new iterator draws its workers' base seed from `generator`; from the global random stream it would take
+    # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
+    generator = torch.Generator().manual_seed(sampler.seed)
+    workers = default_num_workers(on_gpu, args.devices) if args.num_workers is None else args.num_workers
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, generator=generator, num_workers=workers,
+                      collate_fn=collate_same_size, pin_memory=on_gpu, persistent_workers=workers > 0)
+
+
+def build_loggers(root: str) -> list:
+    """CSV logs always, TensorBoard too when it is installed."""
+    loggers = [CSVLogger(save_dir=root, name="lightning_logs")]
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        loggers.append(TensorBoardLogger(save_dir=root, name="lightning_logs"))
+    return loggers
+
+
+def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -> list[pl.Callback]:
+    """Guards, exact-resume state, image logs, step checkpoints, learning rate and throughput monitors, and a
+    tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning would pick Rich's
+    bar, in it/s, whenever `rich` happens to be installed)."""
+    checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
+    image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
+                               log_images_kwargs={"ddim_steps": args.log_ddim_steps})
+    checkpoints = StepCheckpoint(
+        dirpath=checkpoint_dir, filename="step-{step:07d}", auto_insert_metric_name=False, monitor="step",
+        mode="max", save_top_k=args.keep_last_k, every_n_train_steps=args.checkpoint_every_n_steps, save_last="link",
+        save_on_exception=True, enable_version_counter=False)
+    throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
+    return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite,
+                               check_before_backward=args.optimizer_in_backward), RandomStateCheckpoint(),
+            DataOrderCheckpoint(sampler, args.batch_size), GracefulStop(), image_logger, checkpoints,
+            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar()]
+
+
+def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:
+    """The Lightning Trainer of the run; checkpoints are written atomically and read safely."""
+    return pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
+        accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
+        default_root_dir=args.default_root_dir, callbacks=build_callbacks(args, sampler),
+        plugins=[AtomicCheckpointIO()], logger=build_loggers(args.default_root_dir), log_every_n_steps=1)
+
+
+def apply_host_memory_option(args: argparse.Namespace) -> None:
+    """Keep freed host memory when `--retain_host_memory` says so; warn if it was asked for and cannot be done."""
+    if not retains_host_memory(args):
+        return
+    retained = retain_freed_host_memory()
+    if not retained and args.retain_host_memory:  # asked for explicitly; the CPU default stays silent
+        rank_zero_warn("--retain_host_memory needs glibc's malloc, which this system does not use; freed host "
+                       "memory goes back to the system as usual (drop the flag to silence this)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def _worker_error_message(error: Exception) -> str | None:
+    """The original one-line message of a DataLoader worker's error, which the main process re-raises with the
+    worker's traceback in its message; None for any other error."""
+    lines = str(error).rstrip().splitlines()
+    if len(lines) < 2 or not lines[0].startswith("Caught ") or not lines[1].startswith("Original Traceback"):
+        return None
+    return lines[-1].partition(": ")[2] or lines[-1]
+
+
+def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: str) -> int:
+    """Parse, check, build and fit; prints where the image logs and checkpoints are."""
+    args = check_args(build_parser(defaults, description).parse_args(argv))
+    # The frozen VAE and text encoder are in eval mode by design; FLOPs are not needed for samples/s.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
+    if args.seed is not None:
+        pl.seed_everything(args.seed, workers=True)
+    dataloader = build_dataloader(args, on_gpu=uses_gpu(args))
+    model = build_model(args)
+    apply_host_memory_option(args)
+    trainer = build_trainer(args, dataloader.sampler)
+    try:
+        trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
+    except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint
+        if not trainer.interrupted:
+            raise
+    except (OSError, ValueError) as error:
+        message = _worker_error_message(error)
+        if message is None:
+            raise
+        raise type(error)(message) from error
+    checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
+    rank_zero_info(f"Image grids: {os.path.join(args.default_root_dir, 'image_log', 'train')}")
+    rank_zero_info(f"Checkpoints: {checkpoint_dir}")
+    if trainer.interrupted:
+        rank_zero_info(f"Stopped early at step {trainer.global_step}; continue with --resume_from_checkpoint last")
+        return EXIT_INTERRUPTED
+    return 0

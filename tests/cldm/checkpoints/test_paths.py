@@ -1,0 +1,67 @@
+"""The one output-path check, for files and folders, and what an input path is."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cldm.checkpoints.paths import check_output_path
+from ldm.checkpoint import detect_path_kind
+
+
+def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_output_path(tmp_path / "new.ckpt")
+    (tmp_path / "old.ckpt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="old.ckpt' already exists"):
+        check_output_path(tmp_path / "old.ckpt")
+    check_output_path(tmp_path / "old.ckpt", overwrite=True)
+    with pytest.raises(FileNotFoundError, match="output folder .*nowhere' does not exist"):
+        check_output_path(tmp_path / "nowhere" / "new.ckpt")
+    with pytest.raises(IsADirectoryError):
+        check_output_path(tmp_path)
+    with pytest.raises(NotADirectoryError):
+        check_output_path(tmp_path / "old.ckpt" / "new.ckpt")
+    monkeypatch.chdir(tmp_path)
+    check_output_path("bare_name.ckpt")  # the original refused a path without a folder part
+
+
+def test_check_output_path_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):  # root ignores chmod: make os.access answer as for a normal user
+            monkeypatch.setattr(os, "access", lambda path, mode: False)
+        with pytest.raises(PermissionError, match="read_only' is not writable"):
+            check_output_path(folder / "out.ckpt")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_detect_path_kind(tmp_path: Path) -> None:
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    for marker in ("model_index.json", "config.json", "unet"):
+        folder = tmp_path / marker.replace(".", "_")
+        folder.mkdir()
+        (folder / marker).mkdir() if marker == "unet" else (folder / marker).write_text("{}")
+        assert detect_path_kind(folder) == "diffusers"
+    (tmp_path / "plain").mkdir()
+    assert detect_path_kind(tmp_path / "plain") == "folder"
+    assert detect_path_kind(tmp_path / "model.ckpt") == "file"
+    assert detect_path_kind(tmp_path / "absent.ckpt") == "missing"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_output_path_for_a_folder(tmp_path: Path) -> None:
+    check_output_path(tmp_path / "new", folder=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="output folder '.*file' is a file; give the name of a folder"):
+        check_output_path(tmp_path / "file", folder=True)
+    with pytest.raises(FileExistsError, match="already exists; choose another name or pass --overwrite"):
+        check_output_path(tmp_path, folder=True)
+    check_output_path(tmp_path, overwrite=True, folder=True)
+    with pytest.raises(FileNotFoundError, match="output folder '.*missing' does not exist; create it first"):
+        check_output_path(tmp_path / "missing" / "model", folder=True)
