@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import secrets
-import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
-from cldm.checkpoint_io import CONTROL_PREFIX, PathLike, check_input_path, read_state_dict, save_state_dict
+from cldm.checkpoint_io import (
+    CONTROL_PREFIX,
+    atomic_folder,
+    check_input_path,
+    check_output_folder,
+    read_state_dict,
+    save_state_dict,
+)
 from cldm.cli import add_debug_argument, run
 from cldm.diffusers_export import (
     CONFIG_NAME,
@@ -55,48 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output_folder(path: PathLike, overwrite: bool = False) -> None:
-    """Refuse an existing output (unless `overwrite` and it is an empty or model folder) or an unusable parent."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"output '{path}' is a file; the diffusers model is a folder, choose another name")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"output folder '{path}' already exists; choose another name or pass --overwrite")
-    if target.exists() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
-        raise FileExistsError(f"output folder '{path}' is not empty and holds no {CONFIG_NAME}; it is not a "
-                              "model folder, so it is not replaced even with --overwrite")
-    parent = target.absolute().parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder's parent '{parent}' does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder's parent '{parent}' is not writable; choose another place")
-
-
-@contextmanager
-def atomic_folder(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it replaces `path`, on failure it is removed."""
-    target = Path(path).absolute()
-    token = secrets.token_hex(4)
-    temp = target.with_name(f".{target.name}.{token}.tmp")
-    temp.mkdir()
-    try:
-        yield temp
-        if target.exists():  # --overwrite: move the old folder aside first, delete it once the new one is in place
-            old = target.with_name(f".{target.name}.{token}.old")
-            os.replace(target, old)
-            try:
-                os.replace(temp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert the control weights of a checkpoint and write the diffusers folder."""
     args = build_parser().parse_args(argv)
@@ -106,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     diffusers = import_diffusers()
     check_input_path(args.input_path, role="input checkpoint")
     check_config_path(args.config)
-    check_output_folder(args.output_dir, overwrite=args.overwrite)
+    check_output_folder(args.output_dir, overwrite=args.overwrite, marker=CONFIG_NAME, kind="model folder")
     params = OmegaConf.to_container(read_control_stage_config(args.config).get("params", {}), resolve=True)
     config = {**diffusers_config(params), "_diffusers_version": diffusers.__version__}
 

@@ -113,6 +113,24 @@ def check_output_path(path: PathLike, overwrite: bool = False) -> None:
         raise PermissionError(f"output folder '{folder}' is not writable; choose another folder")
 
 
+def check_output_folder(path: PathLike, overwrite: bool, marker: str, kind: str) -> None:
+    """Refuse an existing output folder (unless `overwrite` and it is empty or holds the file `marker` that makes it
+    a `kind`) or an unusable parent folder."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output '{path}' is a file, not a folder; choose another name")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output folder '{path}' already exists; choose another name or pass --overwrite")
+    if target.exists() and any(target.iterdir()) and not (target / marker).is_file():
+        raise FileExistsError(f"output folder '{path}' is not empty and holds no {marker}; it is not a {kind}, so it "
+                              "is not replaced even with --overwrite")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output folder's parent '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder's parent '{parent}' is not writable; choose another place")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +345,31 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         raise ValueError(f"atomic_write supports the modes 'w', 'wt' and 'wb', not '{mode}'")
     with atomic_path(path) as temp, open(temp, mode) as file:
         yield file
+
+
+@contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path`, on failure it is removed."""
+    target = Path(path).absolute()
+    token = secrets.token_hex(4)
+    temp = target.with_name(f".{target.name}.{token}.tmp")
+    temp.mkdir()
+    try:
+        yield temp
+        if target.exists():  # --overwrite: move the old folder aside first, delete it once the new one is in place
+            old = target.with_name(f".{target.name}.{token}.old")
+            os.replace(target, old)
+            try:
+                os.replace(temp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
 
 
 def _tensors_to_save(state_dict: Mapping[str, Any], unshare: bool) -> dict[str, torch.Tensor]:

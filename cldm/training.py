@@ -27,6 +27,7 @@ from cldm.checkpoint_io import BASE_MODEL_DESCRIPTIONS, detect_base_model, read_
 from cldm.cli import EXIT_INTERRUPTED
 from cldm.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.host_memory import retain_freed_host_memory
+from cldm.latent_cache import CachedEncodersOnCPU, LatentCache, default_cache_folder, use_latent_cache
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
 from cldm.performance import apply_speed_options
@@ -119,6 +120,9 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     _flag(data, "num_workers", type=int, default=defaults["num_workers"],
           help=f"DataLoader worker processes (default: 0 on CPU as the original, up to {MAX_GPU_WORKERS} per GPU)")
     _flag(data, "prompt_dropout", type=float, default=0.0, help="probability of training with an empty prompt")
+    _flag(data, "latent_cache", nargs="?", const="", default=None,
+          help="train from the latents and prompt embeddings that tool_cache_latents.py stored in this folder "
+               "(the bare flag: <data_root>/latent_cache), without running the VAE encoder or the text encoder")
 
     run = parser.add_argument_group("run")
     _flag(run, "max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
@@ -257,6 +261,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--prompt_dropout must be in [0, 1], got {args.prompt_dropout}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
+    if args.latent_cache == "":
+        args.latent_cache = str(default_cache_folder(args.data_root))
     _check_hardware(args)
     if args.frozen_dtype != "float32" and args.precision == "32-true":
         raise ValueError(f"--frozen_dtype {args.frozen_dtype} needs --precision bf16-mixed or 16-mixed "
@@ -298,6 +304,10 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
     model.only_mid_control = args.only_mid_control
     model.fused_adamw = args.fused_adamw
     model.optimizer_in_backward = args.optimizer_in_backward
+    if args.latent_cache is not None:  # checked against the weights before any speed option converts them
+        resumed = args.resume_from_checkpoint is not None
+        weights = read_checkpoint(args.resume_from_checkpoint)["state_dict"] if resumed else model.state_dict()
+        use_latent_cache(model, LatentCache.open(args.latent_cache), weights)
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
@@ -325,7 +335,7 @@ def check_dataset(root: str, resolution: int | None) -> None:
 
 def collate_same_size(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """`default_collate`, with a clear error when one batch mixes image sizes."""
-    sizes = sorted({item["jpg"].shape[:2] for item in batch})
+    sizes = sorted({item["hint"].shape[:2] for item in batch})
     if len(sizes) > 1:
         shown = ", ".join(f"{width}x{height}" for height, width in sizes)
         raise ValueError(f"one batch mixes images of different sizes ({shown} px); pass --resolution 512 (or another "
@@ -347,6 +357,9 @@ def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
 
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
                         seed=args.seed)
+    if args.latent_cache is not None:
+        dataset.latent_cache = LatentCache.open(args.latent_cache)
+        dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
     if args.batch_size > len(dataset):
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
                          f"{args.data_root}; use a smaller batch size")
@@ -380,9 +393,10 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
         mode="max", save_top_k=args.keep_last_k, every_n_train_steps=args.checkpoint_every_n_steps, save_last="link",
         save_on_exception=True, enable_version_counter=False)
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
+    cached_encoders = [CachedEncodersOnCPU()] if args.latent_cache is not None else []
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite), RandomStateCheckpoint(),
             DataOrderCheckpoint(sampler, args.batch_size), GracefulStop(), image_logger, checkpoints,
-            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar()]
+            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar(), *cached_encoders]
 
 
 def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:
