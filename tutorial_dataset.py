@@ -135,7 +135,8 @@ class MyDataset(Dataset):
             return ""
         return item["prompt"]
 
-    def _cached_item(self, item: dict[str, str], idx: int | Visit, index: int) -> dict[str, np.ndarray | str | torch.Tensor]:
+    def _cached_item(self, item: dict[str, str], idx: int | Visit,
+                     index: int) -> dict[str, np.ndarray | str | torch.Tensor]:
         """The hint as usual, the prompt, and the cached moments and prompt embedding in place of the target."""
         source = self._read_rgb(item["source"])
         if self.resolution is not None:

@@ -63,11 +63,14 @@ REMAKE = "rerun tool_cache_latents.py --overwrite with this run's --config, --re
 # ---------------------------------------------------------------------------------------------
 
 def weights_fingerprint(state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[str]) -> str:
-    """SHA-256 of the names, shapes and float32 values of the state-dict tensors under `prefixes`."""
+    """SHA-256 of the names, shapes and values of the state-dict tensors under `prefixes`, floating-point values
+    rounded to bfloat16: the same for float32 weights and for their bfloat16 copies (`--frozen_dtype bfloat16` stores
+    the frozen encoders so, in the checkpoints a run resumes from), which encode to the same cache within its
+    default precision."""
     digest = hashlib.sha256()
     for key in sorted(key for key in state_dict if key.startswith(tuple(prefixes))):
         tensor = state_dict[key].detach().cpu()
-        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        tensor = tensor.to(torch.bfloat16).view(torch.int16) if tensor.is_floating_point() else tensor
         digest.update(f"{key}{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -341,9 +344,14 @@ def use_latent_cache(model: pl.LightningModule, cache: LatentCache, weights: Map
 class CachedEncodersOnCPU(pl.Callback):
     """Keeps the VAE encoder and the text encoder on the CPU once Lightning has moved the model to its device: with
     a latent cache training does not run them. Their weights stay in the model and its checkpoints; the VAE
-    decoder stays on the device for image logs."""
+    decoder stays on the device for image logs.
+
+    The text encoder holds a buffer (its position ids), which DistributedDataParallel broadcasts from the device at
+    every step, so with more than one process it stays on the device.
+    """
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for network in (pl_module.first_stage_model.encoder, pl_module.first_stage_model.quant_conv,
-                        pl_module.cond_stage_model):
-            network.cpu()
+        pl_module.first_stage_model.encoder.cpu()
+        pl_module.first_stage_model.quant_conv.cpu()
+        if trainer.world_size == 1:
+            pl_module.cond_stage_model.cpu()
