@@ -24,8 +24,12 @@ from tutorial_dataset import MyDataset
 
 def build_parser() -> argparse.ArgumentParser:
     """Command line of the cache writer; model and data flags mean what they mean for tutorial_train.py."""
-    parser = argparse.ArgumentParser(prog="tool_cache_latents.py", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tool_cache_latents.py",
+        description="Store the VAE posterior moments of a data set's targets and its prompts' text embeddings, for "
+                    "tutorial_train.py --latent_cache.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--config", default="./models/cldm_v15.yaml", help="model config (yaml), as for training")
     parser.add_argument("--resume_path", default="./models/control_sd15_ini.ckpt",
                         help="the weights training starts from (their VAE encoder and text encoder are used)")

@@ -55,6 +55,9 @@ TEXT_ENCODER_PREFIXES = ("cond_stage_model.",)
 # Manifest key -> what it fingerprints, as an error message names it.
 FINGERPRINTS = {"vae_encoder_sha256": "the VAE encoder's weights", "text_encoder_sha256": "the text encoder's weights",
                 "data_set_sha256": "the data set (prompt.json or a target image)"}
+# What reading a cache needs from its manifest (it also records how the data set was fingerprinted and the storage).
+MANIFEST_KEYS = ("dtype", "resolution", "moments_shape", "embeddings_shape", *FINGERPRINTS, "prompts",
+                 "item_prompt_rows")
 REMAKE = "rerun tool_cache_latents.py --overwrite with this run's --config, --resume_path, --data_root and --resolution"
 
 
@@ -210,6 +213,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"latent cache {folder} has format version {manifest.get('version')} and this code reads "
                          f"version {FORMAT_VERSION}; {REMAKE}")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing or manifest["dtype"] not in STORAGE_DTYPES:
+        raise ValueError(f"{path} lacks {', '.join(missing) or 'a known dtype'}; {REMAKE}")
     return manifest
 
 

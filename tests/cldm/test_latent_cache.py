@@ -15,7 +15,14 @@ if _HELPERS not in sys.path:
     sys.path.insert(0, _HELPERS)
 import tool_cache_latents  # noqa: E402
 from cldm.data_order import ResumableRandomSampler  # noqa: E402
-from cldm.latent_cache import EMBEDDINGS_NAME, MOMENTS_NAME, LatentCache, read_manifest  # noqa: E402
+from cldm.latent_cache import (  # noqa: E402
+    EMBEDDINGS_NAME,
+    MOMENTS_NAME,
+    VAE_ENCODER_PREFIXES,
+    LatentCache,
+    read_manifest,
+    weights_fingerprint,
+)
 from cldm.model import create_model, load_state_dict, load_weights  # noqa: E402
 from cldm.training import collate_same_size  # noqa: E402
 from tiny_training import TINY_CONFIG, make_data, make_initial_weights  # noqa: E402
@@ -139,3 +146,15 @@ def test_workers_draw_the_same_batches_as_the_main_process(setup) -> None:
     for a, b in zip(main, workers):
         assert a["txt"] == b["txt"] and a.keys() == b.keys() == {"txt", "hint", "latent_moments", "txt_embedding"}
         assert all(torch.equal(a[key], b[key]) for key in ("hint", "latent_moments", "txt_embedding"))
+
+
+def test_weights_fingerprint_tells_other_weights_but_not_their_bfloat16_copy(setup) -> None:
+    weights = load_state_dict(setup["initial"])
+    fingerprint = weights_fingerprint(weights, VAE_ENCODER_PREFIXES)
+    as_bfloat16 = {key: value.bfloat16() if value.is_floating_point() else value for key, value in weights.items()}
+    assert weights_fingerprint(as_bfloat16, VAE_ENCODER_PREFIXES) == fingerprint  # --frozen_dtype bfloat16 checkpoints
+    key = "first_stage_model.encoder.conv_in.weight"
+    changed = {**weights, key: weights[key] * 1.01}
+    assert weights_fingerprint(changed, VAE_ENCODER_PREFIXES) != fingerprint
+    unrelated = {**weights, "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}
+    assert weights_fingerprint(unrelated, VAE_ENCODER_PREFIXES) == fingerprint
