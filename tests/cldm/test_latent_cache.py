@@ -25,7 +25,7 @@ from cldm.latent_cache import (  # noqa: E402
 )
 from cldm.model import create_model, load_state_dict, load_weights  # noqa: E402
 from cldm.training import collate_same_size  # noqa: E402
-from tiny_training import TINY_CONFIG, make_data, make_initial_weights  # noqa: E402
+from tiny_training import TINY_CONFIG, config_with_model, make_data, make_initial_weights  # noqa: E402
 from tutorial_dataset import MyDataset  # noqa: E402
 
 # bfloat16 keeps 8 significant bits: each stored moment and embedding is off by at most 2^-9 of its value, and the loss
@@ -158,3 +158,16 @@ def test_weights_fingerprint_tells_other_weights_but_not_their_bfloat16_copy(set
     assert weights_fingerprint(changed, VAE_ENCODER_PREFIXES) != fingerprint
     unrelated = {**weights, "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}
     assert weights_fingerprint(unrelated, VAE_ENCODER_PREFIXES) == fingerprint
+
+
+def test_scale_by_std_measures_the_same_latents_from_the_cache(setup, tmp_path) -> None:
+    config = config_with_model(tmp_path, "cldm.cldm.ControlLDM", scale_by_std=True)
+    scales = []
+    for cache in (None, LatentCache.open(setup["caches"]["float32"])):
+        model = create_model(config)
+        missing = model.load_state_dict(load_state_dict(setup["initial"]), strict=False).missing_keys
+        assert missing == ["scale_factor"]
+        torch.manual_seed(5)
+        model.on_train_batch_start(_batch(setup["data"], cache, range(4)), 0)
+        scales.append(model.scale_factor)
+    assert float(scales[0]) != 0.18215 and torch.equal(scales[0], scales[1])
