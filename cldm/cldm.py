@@ -185,6 +185,8 @@ class ControlLDM(LatentDiffusion):
         self.only_mid_control = only_mid_control
         self.control_scales = control_scales_for(self.num_control_outputs)
         self.sd_locked = sd_locked
+        # The empty prompt's embedding, set when a latent cache stands in for the text encoder (the training job).
+        self.null_text_embedding: torch.Tensor | None = None
 
     @property
     def num_control_outputs(self) -> int:
@@ -242,6 +244,8 @@ class ControlLDM(LatentDiffusion):
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, N: int):
+        if self.null_text_embedding is not None:
+            return self.null_text_embedding.to(self.device).expand(N, -1, -1)
         return self.get_learned_conditioning([""] * N)
 
     @torch.no_grad()

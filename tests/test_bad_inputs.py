@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 import tool_add_control
 import tool_add_control_sd21
+import tool_cache_latents
 import tool_export_diffusers
 import tool_extract_control
 import tool_make_fill50k
@@ -35,8 +36,10 @@ import tutorial_train
 import tutorial_train_dist
 from ldm import checkpoint as checkpoint_io
 from cldm.checkpoints.saving import save_state_dict
+from cldm.data.latent_cache import MOMENTS_NAME
 from cldm.cli import run
 from cldm.model import create_model
+from cldm.checkpoints.surgery import add_control
 from cldm.sampling import prepare_hint
 from cldm.training.job import check_dataset
 from cldm.checkpoints.random_weights import random_base_state_dict
@@ -735,6 +738,112 @@ def _(inputs, tmp, monkeypatch):
 def _(inputs, tmp, monkeypatch):
     return Case(tool_export_diffusers.main, [inputs.diffusers, tmp / "exported", "--config", TINY],
                 "is a diffusers folder; pass the original single-file .ckpt or .safetensors checkpoint")
+
+
+def _cache(inputs: Inputs, data: Path, *extra) -> list:
+    return ["--config", TINY, "--resume_path", inputs.initial, "--data_root", data, "--device", "cpu", *extra]
+
+
+def _cached_data(inputs: Inputs, tmp: Path) -> Path:
+    """A copy of the data set (file times kept) with a latent cache in <data>/latent_cache."""
+    data = Path(shutil.copytree(inputs.data, tmp / "data"))
+    assert tool_cache_latents.main([str(arg) for arg in _cache(inputs, data)]) == 0
+    return data
+
+
+REMAKE = "rerun tool_cache_latents.py --overwrite with this run's --config, --resume_path, --data_root and --resolution"
+
+
+@row("cache-output-exists")
+def _(inputs, tmp, monkeypatch):
+    data = _cached_data(inputs, tmp)
+    return Case(tool_cache_latents.main, _cache(inputs, data),
+                f"output folder '{data}/latent_cache' already exists; choose another name or pass --overwrite")
+
+
+@row("cache-overwrite-other-folder")
+def _(inputs, tmp, monkeypatch):
+    photos = tmp / "photos"
+    _png(photos / "holiday.png")
+    return Case(tool_cache_latents.main, _cache(inputs, inputs.data, "--out", photos, "--overwrite"),
+                f"output folder '{photos}' is not empty and holds no manifest.json; it is not a latent cache, so it is "
+                f"not replaced even with --overwrite")
+
+
+@row("cache-overwrite-foreign-manifest")
+def _(inputs, tmp, monkeypatch):
+    app = tmp / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "a web app"}')
+    return Case(tool_cache_latents.main, _cache(inputs, inputs.data, "--out", app, "--overwrite"),
+                f"output folder '{app}' holds a manifest.json that is not a latent cache's, so it is not replaced even "
+                f"with --overwrite")
+
+
+@row("cache-resolution-not-multiple-of-64")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_cache_latents.main, _cache(inputs, inputs.data, "--out", tmp / "cache", "--resolution", "100"),
+                "--resolution must be a positive multiple of 64, got 100")
+
+
+@row("train-cache-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", tmp / "nowhere"),
+                f"latent cache {tmp}/nowhere does not exist; make it with tool_cache_latents.py")
+
+
+@row("train-cache-not-a-cache")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "empty").mkdir()
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", tmp / "empty"),
+                f"{tmp}/empty holds no manifest.json, so it is not a latent cache; make one with tool_cache_latents.py")
+
+
+@row("train-cache-prompt-json-changed")
+def _(inputs, tmp, monkeypatch):
+    data = _cached_data(inputs, tmp)
+    prompts = data / "prompt.json"
+    prompts.write_text(prompts.read_text().replace("circle", "disc", 1))
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", data=data),
+                f"latent cache {data}/latent_cache does not fit this run: the data set (prompt.json or a target image) "
+                f"changed since it was made; {REMAKE}")
+
+
+@row("train-cache-target-changed")
+def _(inputs, tmp, monkeypatch):
+    data = _cached_data(inputs, tmp)
+    target = data / "target" / "1.png"
+    target.write_bytes(target.read_bytes())  # the same bytes, rewritten: a new modification time
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", data=data),
+                "the data set (prompt.json or a target image) changed since it was made")
+
+
+@row("train-cache-other-resolution")
+def _(inputs, tmp, monkeypatch):
+    data = _cached_data(inputs, tmp)
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", "--resolution", "128", data=data),
+                f"latent cache {data}/latent_cache does not fit this run: it was made with no --resolution and this run "
+                f"has --resolution 128; {REMAKE}")
+
+
+@row("train-cache-other-weights")
+def _(inputs, tmp, monkeypatch):
+    data = _cached_data(inputs, tmp)
+    other = tmp / "other_ini.ckpt"
+    model = create_model(TINY)
+    save_state_dict(add_control(model.state_dict(), random_base_state_dict(TINY, seed=1))[0], other)
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", data=data, initial=other),
+                f"latent cache {data}/latent_cache does not fit this run: the VAE encoder's weights differ from those "
+                f"it was made with; {REMAKE}")
+
+
+@row("train-cache-truncated")
+def _(inputs, tmp, monkeypatch):
+    data = _cached_data(inputs, tmp)
+    moments = data / "latent_cache" / MOMENTS_NAME
+    moments.write_bytes(moments.read_bytes()[:-100])
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", data=data),
+                f"{moments} is missing, truncated or damaged")
 
 
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:

@@ -274,14 +274,6 @@ def check_against_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapp
 # ---------------------------------------------------------------------------------------------
 
 
-def check_replaceable_folder(path: PathLike) -> None:
-    """Refuse to replace a non-empty folder that holds no config.json: it is not a model folder."""
-    target = Path(path)
-    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
-        raise FileExistsError(f"output folder '{path}' is not empty and holds no {CONFIG_NAME}; it is not a "
-                              "model folder, so it is not replaced even with --overwrite")
-
-
 def export_diffusers(input_path: PathLike, output_dir: PathLike, config_path: PathLike, half: bool = False,
                      overwrite: bool = False) -> None:
     """Convert the control weights of the checkpoint `input_path` (checked against the ControlNet of
@@ -291,8 +283,7 @@ def export_diffusers(input_path: PathLike, output_dir: PathLike, config_path: Pa
     diffusers = import_diffusers()
     check_input_path(input_path, role="input checkpoint")
     check_config_path(config_path)
-    check_output_path(output_dir, overwrite=overwrite, folder=True)
-    check_replaceable_folder(output_dir)
+    check_output_path(output_dir, overwrite=overwrite, folder=True, marker=CONFIG_NAME, kind="model folder")
     params = OmegaConf.to_container(read_control_stage_config(config_path).get("params", {}), resolve=True)
     config = {**diffusers_config(params), "_diffusers_version": diffusers.__version__}
 

@@ -20,10 +20,11 @@ def checkpoint_format(path: PathLike) -> str:
 
 
 def check_output_path(path: PathLike, overwrite: bool = False, folder: bool = False,
-                      overwrite_flag: str = "--overwrite") -> None:
+                      overwrite_flag: str = "--overwrite", marker: str | None = None, kind: str = "") -> None:
     """Refuse an output that exists (unless `overwrite`), is of the other kind (a file where a folder is written, or
     the reverse), or whose parent folder is missing or not writable; `overwrite_flag` is the flag a folder-writing
-    tool replaces an existing folder with."""
+    tool replaces an existing folder with. With `marker`, an existing non-empty folder is replaced only if it holds
+    that file, which makes it a `kind` (a model folder, a latent cache) rather than a folder of the user's."""
     target = Path(path)
     what = "output folder" if folder else "output"
     if target.exists() and target.is_dir() != folder:
@@ -33,6 +34,9 @@ def check_output_path(path: PathLike, overwrite: bool = False, folder: bool = Fa
     if target.exists() and not overwrite:
         remedy = f"pass {overwrite_flag}" if folder else "delete it first"
         raise FileExistsError(f"{what} '{path}' already exists; choose another name or {remedy}")
+    if marker is not None and target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise FileExistsError(f"{what} '{path}' is not empty and holds no {marker}; it is not a {kind}, so it is not "
+                              f"replaced even with {overwrite_flag}")
     parent = target.absolute().parent if folder else target.parent
     if not parent.exists():
         raise FileNotFoundError(f"output folder '{parent}' does not exist; create it first")

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from cldm.data.data_order import Visit
+from cldm.data.latent_cache import LatentCache
 
 REQUIRED_KEYS = ("source", "target", "prompt")
 
@@ -46,6 +47,13 @@ def _parse_line(raw: bytes, number: int, path: str) -> dict[str, str]:
     return record
 
 
+def _hint_array(source: np.ndarray) -> np.ndarray:
+    """A uint8 image as float32 in [0, 1], as the original's `x.astype(np.float32) / 255.0`."""
+    hint = source.astype(np.float32)
+    hint /= 255.0
+    return hint
+
+
 class MyDataset(Dataset):
     """Items of ``<root>/prompt.json`` as ``dict(jpg=target in [-1, 1], txt=prompt, hint=source in [0, 1])``.
 
@@ -61,6 +69,8 @@ class MyDataset(Dataset):
         resolution: if set, both images are resized to resolution x resolution (a positive multiple of 8).
         prompt_dropout: probability of replacing the prompt with "" (the paper drops 50 % for CFG training).
         seed: seed of the prompt-dropout draws; None follows torch's seeding.
+        latent_cache: a cache of this data set (tool_cache_latents.py): items then hold the target's posterior
+            moments and the prompt's embedding (`LatentCache.item`) instead of `jpg`, and no target is read.
     """
 
     def __init__(
@@ -69,6 +79,7 @@ class MyDataset(Dataset):
         resolution: int | None = None,
         prompt_dropout: float = 0.0,
         seed: int | None = None,
+        latent_cache: LatentCache | None = None,
     ) -> None:
         if resolution is not None and (resolution <= 0 or resolution % 8):
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}.")
@@ -87,6 +98,7 @@ class MyDataset(Dataset):
         self.resolution = resolution
         self.prompt_dropout = prompt_dropout
         self.seed = seed
+        self.latent_cache = latent_cache
         self.data = read_prompt_file(prompt_path)
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple[int, int] | None = None
@@ -94,8 +106,11 @@ class MyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, idx: int | Visit) -> dict[str, np.ndarray | str]:
-        item = self.data[idx.index if isinstance(idx, Visit) else idx]
+    def __getitem__(self, idx: int | Visit) -> dict[str, np.ndarray | str | torch.Tensor]:
+        index = idx.index if isinstance(idx, Visit) else idx
+        item = self.data[index]
+        if self.latent_cache is not None:
+            return self._cached_item(item, idx, index)
         source = self._read_rgb(item["source"])
         target = self._read_rgb(item["target"])
         if source.shape != target.shape:
@@ -105,17 +120,30 @@ class MyDataset(Dataset):
             )
         if self.resolution is not None:
             source, target = self._resize(source), self._resize(target)
-        prompt = item["prompt"]
-        if self.prompt_dropout > 0 and self._dropout_rng(idx).random() < self.prompt_dropout:
-            prompt = ""
+        prompt = self._prompt(item, idx)
         # Control hint in [0, 1]; target in [-1, 1], the range the autoencoder expects. In place, the
         # float32 results equal the original's `x.astype(np.float32) / 255.0` and `/ 127.5 - 1.0`.
-        hint = source.astype(np.float32)
-        hint /= 255.0
+        hint = _hint_array(source)
         jpg = target.astype(np.float32)
         jpg /= 127.5
         jpg -= 1.0
         return dict(jpg=jpg, txt=prompt, hint=hint)
+
+    def _prompt(self, item: dict[str, str], idx: int | Visit) -> str:
+        """The item's prompt, or "" when this visit drops it."""
+        if self.prompt_dropout > 0 and self._dropout_rng(idx).random() < self.prompt_dropout:
+            return ""
+        return item["prompt"]
+
+    def _cached_item(self, item: dict[str, str], idx: int | Visit,
+                     index: int) -> dict[str, np.ndarray | str | torch.Tensor]:
+        """The hint as usual, the prompt, and the cached moments and prompt embedding in place of the target."""
+        source = self._read_rgb(item["source"])
+        if self.resolution is not None:
+            source = self._resize(source)
+        self.latent_cache.check_image_size(source.shape[:2], os.path.join(self.root, item["source"]))
+        prompt = self._prompt(item, idx)
+        return dict(txt=prompt, hint=_hint_array(source), **self.latent_cache.item(index, prompt))
 
     def _read_rgb(self, relative_path: str) -> np.ndarray:
         """uint8 RGB (H, W, 3); IMREAD_COLOR turns gray, RGBA and 16-bit files into 8-bit BGR first."""

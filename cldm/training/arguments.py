@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from cldm.data.latent_cache import default_cache_folder
 from cldm.training.callbacks import newest_checkpoint
 from ldm.checkpoint import read_checkpoint
 
@@ -99,6 +100,9 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     _flag(data, "num_workers", type=int, default=defaults["num_workers"],
           help=f"DataLoader worker processes (default: 0 on CPU as the original, up to {MAX_GPU_WORKERS} per GPU)")
     _flag(data, "prompt_dropout", type=float, default=0.0, help="probability of training with an empty prompt")
+    _flag(data, "latent_cache", nargs="?", const="", default=None,
+          help="train from the latents and prompt embeddings that tool_cache_latents.py stored in this folder "
+               "(the bare flag: <data_root>/latent_cache), without running the VAE encoder or the text encoder")
 
     run = parser.add_argument_group("run")
     _flag(run, "max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
@@ -227,6 +231,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--prompt_dropout must be in [0, 1], got {args.prompt_dropout}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
+    if args.latent_cache == "":
+        args.latent_cache = str(default_cache_folder(args.data_root))
     _check_hardware(args)
     if args.frozen_dtype != "float32" and args.precision == "32-true":
         raise ValueError(f"--frozen_dtype {args.frozen_dtype} needs --precision bf16-mixed or 16-mixed "

@@ -191,3 +191,19 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_exception(trainer, pl_module, exception)
         except OSError as error:  # e.g. the disk is full: report the exception that stopped training, not this one
             logger.warning("could not save a checkpoint while stopping: %s", error)
+
+
+class CachedEncodersOnCPU(pl.Callback):
+    """Keeps the VAE encoder and the text encoder on the CPU once Lightning has moved the model to its device: with
+    a latent cache training does not run them. Their weights stay in the model and its checkpoints; the VAE
+    decoder stays on the device for image logs.
+
+    The text encoder holds a buffer (its position ids), which DistributedDataParallel broadcasts from the device at
+    every step, so with more than one process it stays on the device.
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.first_stage_model.encoder.cpu()
+        pl_module.first_stage_model.quant_conv.cpu()
+        if trainer.world_size == 1:
+            pl_module.cond_stage_model.cpu()

@@ -24,6 +24,7 @@ from cldm.checkpoints.lightning_io import AtomicCheckpointIO
 from cldm.cli import EXIT_INTERRUPTED
 from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
+from cldm.data.latent_cache import LatentCache
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
 from cldm.training.arguments import (
@@ -35,10 +36,17 @@ from cldm.training.arguments import (
     retains_host_memory,
     uses_gpu,
 )
-from cldm.training.callbacks import GracefulStop, NonFiniteLossGuard, RandomStateCheckpoint, StepCheckpoint
+from cldm.training.callbacks import (
+    CachedEncodersOnCPU,
+    GracefulStop,
+    NonFiniteLossGuard,
+    RandomStateCheckpoint,
+    StepCheckpoint,
+)
 from cldm.training.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
 from cldm.training.speed import apply_speed_options
+from ldm.checkpoint import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,16 @@ def _load_initial_weights(model: pl.LightningModule, args: argparse.Namespace) -
     load_weights(model, state_dict, source=args.resume_path, config=args.config)
 
 
+def use_latent_cache(model: pl.LightningModule, cache: LatentCache, weights: Mapping[str, torch.Tensor]) -> None:
+    """Check that `cache` fits `model` (whose VAE encoder and text encoder hold `weights`) and give the model the
+    cached empty-prompt embedding for guided image logs."""
+    if model.cond_stage_trainable or getattr(model, "ucg_training", None):
+        raise ValueError("--latent_cache needs a frozen text encoder and no ucg_training in the config, since it "
+                         "replaces the text encoder by stored embeddings; train without --latent_cache")
+    cache.check_weights(weights)
+    model.null_text_embedding = cache.null_text_embedding()
+
+
 def build_model(args: argparse.Namespace) -> pl.LightningModule:
     """The ControlLDM of `--config` with the initial weights (skipped when resuming a run)."""
     optimizer_factory = partial(build_adamw, fused=args.fused_adamw, in_backward=args.optimizer_in_backward)
@@ -66,6 +84,10 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
                          only_mid_control=args.only_mid_control, optimizer_factory=optimizer_factory)
     if args.resume_from_checkpoint is None:
         _load_initial_weights(model, args)
+    if args.latent_cache is not None:  # checked against the weights before any speed option converts them
+        resumed = args.resume_from_checkpoint is not None
+        weights = read_checkpoint(args.resume_from_checkpoint)["state_dict"] if resumed else model.state_dict()
+        use_latent_cache(model, LatentCache.open(args.latent_cache), weights)
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
@@ -91,7 +113,7 @@ def check_dataset(root: str, resolution: int | None) -> None:
 
 def collate_same_size(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """`default_collate`, with a clear error when one batch mixes image sizes."""
-    sizes = sorted({item["jpg"].shape[:2] for item in batch})
+    sizes = sorted({item["hint"].shape[:2] for item in batch})
     if len(sizes) > 1:
         shown = ", ".join(f"{width}x{height}" for height, width in sizes)
         raise ValueError(f"one batch mixes images of different sizes ({shown} px); pass --resolution 512 (or another "
@@ -111,6 +133,9 @@ def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
     """Fill50K-format data, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
                         seed=args.seed)
+    if args.latent_cache is not None:
+        dataset.latent_cache = LatentCache.open(args.latent_cache)
+        dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
     if args.batch_size > len(dataset):
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
                          f"{args.data_root}; use a smaller batch size")
@@ -144,10 +169,11 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
         mode="max", save_top_k=args.keep_last_k, every_n_train_steps=args.checkpoint_every_n_steps, save_last="link",
         save_on_exception=True, enable_version_counter=False)
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
+    cached_encoders = [CachedEncodersOnCPU()] if args.latent_cache is not None else []
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite,
                                check_before_backward=args.optimizer_in_backward), RandomStateCheckpoint(),
             DataOrderCheckpoint(sampler, args.batch_size), GracefulStop(), image_logger, checkpoints,
-            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar()]
+            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar(), *cached_encoders]
 
 
 def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
 PARAMETERIZATIONS = ("eps", "x0", "v")
+# Batch keys of a latent cache (cldm.latent_cache): the VAE posterior's moments (B, 2C, h, w), mean and log-variance
+# concatenated on the channel axis, in place of the image; the prompts' embeddings (B, 77, D) in place of the text.
+LATENT_MOMENTS_KEY = "latent_moments"
+TEXT_EMBEDDING_KEY = "txt_embedding"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +348,10 @@ class DDPM(pl.LightningModule):
         x = self.get_input(batch, self.first_stage_key)
         return self(x)
 
+    def _batch_size(self, batch: Mapping[str, Any]) -> int:
+        """Samples in `batch`: its images, or their cached latent moments."""
+        return len(batch[LATENT_MOMENTS_KEY if LATENT_MOMENTS_KEY in batch else self.first_stage_key])
+
     def apply_ucg(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Replace conditioning entries by their null value with the configured probabilities."""
         for key, spec in self.ucg_training.items():
@@ -357,7 +365,7 @@ class DDPM(pl.LightningModule):
         if self.ucg_training:
             batch = self.apply_ucg(batch)
         loss, loss_dict = self.shared_step(batch)
-        batch_size = len(batch[self.first_stage_key])
+        batch_size = self._batch_size(batch)
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True,
                  on_epoch=False, batch_size=batch_size)
@@ -369,7 +377,7 @@ class DDPM(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, loss_dict = self.shared_step(batch)
-        batch_size = len(batch[self.first_stage_key])
+        batch_size = self._batch_size(batch)
         self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
         if self.use_ema:
             with self.ema_scope():
@@ -523,19 +531,21 @@ class LatentDiffusion(DDPM):
     def get_input(self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False,
                   force_c_encode: bool = False, cond_key: str | None = None, return_original_cond: bool = False,
                   bs: int | None = None, return_x: bool = False) -> list:
-        """Encode `batch[k]` to a latent and the conditioning to its embedding: [z, c, ...extras]."""
-        x = super().get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        x = x.to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        """Encode `batch[k]` to a latent and the conditioning to its embedding: [z, c, ...extras].
+
+        A batch from a latent cache holds the posterior moments and the prompts' embeddings instead (see
+        `LATENT_MOMENTS_KEY`); z is sampled from the moments as from the encoder's, and x is then None.
+        """
+        z, x = self._first_stage_latent(batch, k, bs)
 
         c = xc = None
         if self.model.conditioning_key is not None and not self.force_null_conditioning:
             xc = self._raw_conditioning(batch, default(cond_key, self.cond_stage_key), x)
             if bs is not None:
                 xc = xc[:bs]
-            if not self.cond_stage_trainable or force_c_encode:
+            if TEXT_EMBEDDING_KEY in batch:
+                c = batch[TEXT_EMBEDDING_KEY][:bs].to(self.device).float()
+            elif not self.cond_stage_trainable or force_c_encode:
                 c = self.get_learned_conditioning(xc if isinstance(xc, (dict, list)) else xc.to(self.device))
             else:
                 c = xc
@@ -548,6 +558,16 @@ class LatentDiffusion(DDPM):
         if return_original_cond:
             out.append(xc)
         return out
+
+    def _first_stage_latent(self, batch: Mapping[str, Any], k: str,
+                            bs: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, x): a latent sample of the images `batch[k]` (x, NCHW on the device), or of their cached posterior
+        moments (x None); both draw the same noise from the same generator."""
+        if LATENT_MOMENTS_KEY in batch:
+            moments = batch[LATENT_MOMENTS_KEY][:bs].to(self.device).float()
+            return self.get_first_stage_encoding(DiagonalGaussianDistribution(moments)).detach(), None
+        x = DDPM.get_input(self, batch, k)[:bs].to(self.device)
+        return self.get_first_stage_encoding(self.encode_first_stage(x)).detach(), x
 
     # -- training ------------------------------------------------------------------------------
 
@@ -574,8 +594,7 @@ class LatentDiffusion(DDPM):
         if not (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
                 and not self.restarted_from_ckpt):
             return
-        x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        z, _ = self._first_stage_latent(batch, self.first_stage_key, None)
         self.scale_factor = 1.0 / z.flatten().std()
         logger.info("setting scale_factor to %s", float(self.scale_factor))
 
