@@ -74,6 +74,8 @@ class Job:
     channels_last: bool = False  # ours
     compile: bool = False  # ours
     autocast_cache: bool = False  # ours: autocast's weight-cast cache (Lightning turns it off)
+    # ours: recast trainable weights in backward (cldm.training.speed); None: as tutorial_train.py on the device
+    recompute_casts: bool | None = None
     # Keep freed host memory in the process (glibc); None: as each side's trainer does, which for ours is
     # tutorial_train.py's default on the CPU and for diffusers' script is never.
     retain_host_memory: bool | None = None
@@ -111,6 +113,8 @@ class Job:
             parts.append("compile")
         if self.latent_cache:
             parts.append("latent cache")
+        if self.recompute_casts is not None and self.recompute_casts != (self.device == "cpu"):
+            parts.append("weight casts " + ("recomputed" if self.recompute_casts else "kept"))
         if self.retains_host_memory != self.retains_host_memory_by_default:
             parts.append("host memory retained" if self.retain_host_memory else "host memory released")
         return ", ".join(parts)
@@ -144,8 +148,9 @@ def build_ours(job: Job, device: torch.device) -> tuple[Callable[[], torch.Tenso
     model.sd_locked = True
     set_gradient_checkpointing(model, job.checkpointing)
     set_attention_backend(model, job.attention)
+    recompute_casts = job.device == "cpu" if job.recompute_casts is None else job.recompute_casts
     apply_speed_options(model, frozen_dtype=DTYPES[job.frozen_dtype], channels_last=job.channels_last,
-                        compile=job.compile)
+                        compile=job.compile, recompute_weight_casts=recompute_casts)
     model.to(device).train()
     if job.adamw == "in-backward":
         optimizer = AdamWInBackward(model.trainable_parameters(), LEARNING_RATE)
@@ -538,6 +543,8 @@ VARIANT_OPTIONS = {
     "autocast-cache": {"autocast_cache": True},
     "release-host-memory": {"retain_host_memory": False},
     "latent-cache": {"latent_cache": True},
+    "recompute-casts": {"recompute_casts": True},
+    "keep-casts": {"recompute_casts": False},
 }
 
 
@@ -719,7 +726,7 @@ def _default_comparisons(jobs: list[Job], results: dict[Job, dict[str, Any]]) ->
 def _default_fields(job: Job) -> Job:
     """`job` with every option of ours at its default."""
     return replace(job, frozen_dtype="fp32", attention="sdpa", adamw="fused", channels_last=False, compile=False,
-                   autocast_cache=False, retain_host_memory=None)
+                   autocast_cache=False, retain_host_memory=None, recompute_casts=None, latent_cache=False)
 
 
 def _device_name(device: str) -> str:

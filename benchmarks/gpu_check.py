@@ -1,13 +1,17 @@
 """One-shot GPU check: our training step against diffusers' on one GPU, and tutorial_train.py end to end.
 
 Prints one table (SD1.5 architecture, random weights, bf16-mixed, 512 px):
-- the step at batch 4, both sides, gradient checkpointing off and on: ours as it runs by default, ours lean
-  (frozen weights in bf16, AdamW in backward), ours lean with the latent cache;
-- the best batch of each side (diffusers without checkpointing; ours lean with the cache), by samples/s;
+- the step at batch 4, both sides, gradient checkpointing off and on: ours with tutorial_train.py's GPU defaults
+  (frozen weights in bf16, weight casts kept), and without checkpointing also ours with the float32 frozen weights
+  and the recomputed weight casts that are the CPU's defaults, ours lean (AdamW in backward), and lean with the
+  latent cache;
+- the best batch of each side in a sweep (diffusers; ours lean with the cache; no checkpointing), by samples/s;
 - `tutorial_train.py` end to end on a small synthetic Fill50K (steady-state samples/s from its CSV log), once with
-  `--precision bf16-mixed` alone and once lean with the latent cache at our best batch.
-Every row has its peak GPU memory. Step rows come from `benchmarks.bench_train_step` (one process per row); MFU is
-counted FLOPs per second against the bf16 matmul peak measured here.
+  `--precision bf16-mixed` alone at batch 4 and once lean with the latent cache at our best batch; their inputs (a
+  random SD1.5 and the data) are made on the CPU while the GPU measures the step rows.
+Every row has its peak GPU memory, and the batch-4 rows without checkpointing a profiled step (written beside).
+Step rows come from `benchmarks.bench_train_step` (one process per row); MFU is counted FLOPs per second against
+the bf16 matmul peak measured here.
 
     bash benchmarks/gpu_check.sh                       # installs missing packages from benchmarks/wheels/, then this
     python -m benchmarks.gpu_check --out gpu_check_out  # the same, with the packages already installed
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import subprocess
 import sys
@@ -30,8 +35,10 @@ from benchmarks.bench_train_step import FULL_CONFIG, GIB, Job, matmul_peak_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 512
-LEAN = {"frozen_dtype": "bf16", "adamw": "in-backward"}
-LEAN_FLAGS = ["--frozen_dtype", "bfloat16", "--optimizer_in_backward", "--no-gradient_checkpointing"]
+# tutorial_train.py's defaults on a GPU under bf16-mixed (frozen weights in bf16, casts kept); checkpointing is a row's.
+GPU_DEFAULTS = {"frozen_dtype": "bf16"}
+LEAN = {**GPU_DEFAULTS, "adamw": "in-backward"}
+LEAN_FLAGS = ["--optimizer_in_backward"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,17 +46,25 @@ LEAN_FLAGS = ["--frozen_dtype", "bfloat16", "--optimizer_in_backward", "--no-gra
 # ---------------------------------------------------------------------------------------------
 
 
-def step_jobs(batch_sizes: list[int], steps: int, warmup: int) -> tuple[list[Job], list[Job]]:
-    """Batch 4 (both sides, checkpointing off and on) and the batch sweep (each side's fastest setting)."""
+def step_jobs(batch_sizes: list[int], steps: int, warmup: int) -> tuple[list[tuple[str, Job]], list[Job]]:
+    """The batch-4 rows (title, job) and the batch sweep (each side's fastest setting)."""
     base = Job(side="ours", config=FULL_CONFIG, device="cuda", resolution=RESOLUTION, batch=4, precision="bf16-mixed",
-               checkpointing=False, encoders=True, steps=steps, warmup=warmup)
-    at_four = []
-    for checkpointing in (False, True):
-        row = replace(base, checkpointing=checkpointing, profile=not checkpointing)
-        at_four += [replace(row, side="diffusers"), row, replace(row, **LEAN), replace(row, **LEAN, latent_cache=True)]
+               checkpointing=False, encoders=True, steps=steps, warmup=warmup, profile=True)
+    ours = replace(base, **GPU_DEFAULTS)
+    with_checkpointing = replace(ours, checkpointing=True, profile=False)
+    at_four = [
+        ("diffusers step", replace(base, side="diffusers")),
+        ("ours step (tutorial_train defaults)", ours),
+        ("ours, frozen weights in fp32", replace(base)),
+        ("ours, weight casts recomputed", replace(ours, recompute_casts=True)),
+        ("ours, lean (AdamW in backward)", replace(base, **LEAN)),
+        ("ours, lean + latent cache", replace(base, **LEAN, latent_cache=True)),
+        ("diffusers step", replace(with_checkpointing, side="diffusers", frozen_dtype="fp32")),
+        ("ours step (tutorial_train defaults)", with_checkpointing),
+    ]
     sweep = []
     for batch in batch_sizes:
-        row = replace(base, batch=batch, steps=max(2, steps // 2), warmup=2, count=False)
+        row = replace(base, batch=batch, steps=max(2, steps // 2), warmup=2, count=False, profile=False)
         sweep += [replace(row, side="diffusers"), replace(row, **LEAN, latent_cache=True)]
     return at_four, sweep
 
@@ -88,12 +103,13 @@ def write_profiles(jobs: list[Job], results: dict, out: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_logged(command: list[str], log: Path) -> None:
+def run_logged(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     """Run a repository command, its output into `log`; a failure raises with the log's tail."""
     started = time.perf_counter()
     with log.open("w") as out:
-        process = subprocess.run(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, check=False)
-    print(f"  {' '.join(command[1:3])}... {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        process = subprocess.run(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    script = next(part for part in command if part.endswith(".py"))
+    print(f"  {script}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{log.read_text()[-3000:]}")
 
@@ -101,16 +117,40 @@ def run_logged(command: list[str], log: Path) -> None:
 def prepare_run_inputs(out: Path, pairs: int) -> tuple[Path, Path]:
     """Synthetic Fill50K at 512 px (kept if present) and the initial ControlLDM weights of a random SD1.5."""
     python = sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": "4"}  # leave the other cores to the step rows measured meanwhile
     data = out / "fill50k"
     if not (data / "prompt.json").is_file():
-        run_logged([python, "tool_make_fill50k.py", "--out", str(data), "--count", str(pairs), "--size",
-                    str(RESOLUTION), "--quiet"], out / "make_fill50k.log")
+        run_logged(["nice", python, "tool_make_fill50k.py", "--out", str(data), "--count", str(pairs), "--size",
+                    str(RESOLUTION), "--workers", "4", "--quiet"], out / "make_fill50k.log", env)
     base, initial = out / "random_sd15.ckpt", out / "control_sd15_ini.ckpt"
     if not initial.is_file():
-        run_logged([python, "tool_make_random_sd.py", "--config", FULL_CONFIG, str(base)], out / "make_random_sd.log")
-        run_logged([python, "tool_add_control.py", str(base), str(initial)], out / "add_control.log")
+        run_logged(["nice", python, "tool_make_random_sd.py", "--config", FULL_CONFIG, str(base)],
+                   out / "make_random_sd.log", env)
+        run_logged(["nice", python, "tool_add_control.py", "--config", FULL_CONFIG, str(base), str(initial)],
+                   out / "add_control.log", env)
         base.unlink()
     return data, initial
+
+
+class PreparingRunInputs(threading.Thread):
+    """`prepare_run_inputs` in the background (niced, four threads) while the GPU measures the step rows."""
+
+    def __init__(self, out: Path, pairs: int) -> None:
+        super().__init__(daemon=True)
+        self.out, self.pairs = out, pairs
+        self.inputs: tuple[Path, Path] | Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.inputs = prepare_run_inputs(self.out, self.pairs)
+        except RuntimeError as error:
+            self.inputs = error
+
+
+def start_preparing_run_inputs(out: Path, pairs: int) -> PreparingRunInputs:
+    preparing = PreparingRunInputs(out, pairs)
+    preparing.start()
+    return preparing
 
 
 class GpuMemoryPeak:
@@ -123,8 +163,11 @@ class GpuMemoryPeak:
 
     def _poll(self) -> None:
         while not self._stop.wait(0.5):
-            query = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                   capture_output=True, text=True, check=False)
+            try:
+                query = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                       capture_output=True, text=True, check=False)
+            except OSError:  # no nvidia-smi: the peak stays unknown (0)
+                return
             if query.returncode == 0 and query.stdout.strip():
                 self.peak_mib = max(self.peak_mib, int(query.stdout.split()[0]))
 
@@ -153,15 +196,47 @@ def train_end_to_end(name: str, out: Path, data: Path, initial: Path, batch: int
                      extra: list[str]) -> dict:
     """tutorial_train.py for `steps` steps (no image logs, checkpoint only at the end); samples/s and GPU peak."""
     root = out / name
-    command = [sys.executable, "tutorial_train.py", "--resume_path", str(initial), "--data_root", str(data),
-               "--batch_size", str(batch), "--precision", "bf16-mixed", "--max_steps", str(steps),
-               "--logger_freq", str(10 * steps), "--checkpoint_every_n_steps", str(10 * steps), "--seed", "0",
+    command = [sys.executable, "tutorial_train.py", "--config", FULL_CONFIG, "--resume_path", str(initial),
+               "--data_root", str(data), "--batch_size", str(batch), "--precision", "bf16-mixed",
+               "--max_steps", str(steps), "--logger_freq", str(10 * steps), "--checkpoint_every_n_steps", str(10 * steps), "--seed", "0",
                "--default_root_dir", str(root), *extra]
     with GpuMemoryPeak() as memory:
         run_logged(command, out / f"{name}.log")
     metrics = sorted(root.glob("lightning_logs/version_*/metrics.csv"))[-1]
     return {"samples_per_sec": steady_samples_per_second(metrics), "peak_gib": memory.peak_mib / 1024,
             "command": " ".join(command[1:])}
+
+
+def end_to_end_rows(args: argparse.Namespace, inputs: tuple[Path, Path] | Exception | None,
+                    ours_best: Job | None) -> list[list[str]]:
+    """tutorial_train.py with --precision bf16-mixed alone at batch 4, and lean with the latent cache at the batch
+    that was fastest in the sweep; a failure becomes its row (the log holds the rest)."""
+    if not isinstance(inputs, tuple):
+        print(inputs, file=sys.stderr)
+        return [["tutorial_train.py", "", "", "inputs failed: see make_*.log", "", "", "", ""]]
+    data, initial = inputs
+    runs = [("train_default", 4, [])]
+    if ours_best is not None:
+        cache = args.out / "latent_cache"
+        try:
+            if not cache.is_dir():
+                run_logged([sys.executable, "tool_cache_latents.py", "--config", FULL_CONFIG, "--resume_path",
+                            str(initial), "--data_root", str(data), "--out", str(cache)], args.out / "cache.log")
+            runs.append(("train_lean_cache", ours_best.batch, [*LEAN_FLAGS, "--latent_cache", str(cache)]))
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+    rows = []
+    for name, batch, extra in runs:
+        title = "tutorial_train.py --precision bf16-mixed" + (" --optimizer_in_backward --latent_cache" * bool(extra))
+        try:
+            run = train_end_to_end(name, args.out, data, initial, batch, args.train_steps, extra)
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            rows.append([title, str(batch), "off", "failed: see " + name + ".log", "", "", "", ""])
+            continue
+        rows.append([title, str(batch), "off", f"{batch / run['samples_per_sec']:.3f}", f"{run['samples_per_sec']:.1f}",
+                     "", "", f"{run['peak_gib']:.2f} (nvidia-smi)"])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,10 +267,10 @@ def print_table(rows: list[list[str]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="folder for logs, data and runs")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64], help="the batch sweep")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help="the batch sweep")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per batch-4 row (half in the sweep)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per batch-4 row")
-    parser.add_argument("--train-steps", type=int, default=60, help="steps of each end-to-end run")
+    parser.add_argument("--train-steps", type=int, default=40, help="steps of each end-to-end run")
     parser.add_argument("--pairs", type=int, default=480, help="synthetic Fill50K pairs for the end-to-end runs")
     parser.add_argument("--skip-end-to-end", action="store_true", help="only the step rows")
     args = parser.parse_args(argv)
@@ -212,42 +287,23 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16-mixed, {RESOLUTION} px", flush=True)
 
     at_four, sweep = step_jobs(args.batch_sizes, args.steps, args.warmup)
-    results = run_all(at_four + sweep, rounds=1)
+    preparing = None if args.skip_end_to_end else start_preparing_run_inputs(args.out, args.pairs)
+    results = run_all([job for _, job in at_four] + sweep, rounds=1)
     rows = []
-    for job in at_four:
-        diffusers_job = replace(job, side="diffusers", frozen_dtype="fp32", adamw="fused", latent_cache=False)
-        title = {"diffusers": "diffusers step"}.get(job.side) or \
-            ("ours step, lean + latent cache" if job.latent_cache else "ours step, lean" if job.adamw != "fused"
-             else "ours step (default)")
+    for title, job in at_four:
+        diffusers_job = replace(at_four[0][1], checkpointing=job.checkpointing, profile=job.profile)
         rows.append(step_row(title, job, results, peak, diffusers_job))
     best = best_by_side(sweep, results)
     for side, job in sorted(best.items()):
-        title = "diffusers step, best batch" if side == "diffusers" else "ours step, lean + cache, best batch"
+        title = "diffusers step, best batch" if side == "diffusers" else "ours, lean + latent cache, best batch"
         rows.append(step_row(title, job, results, peak, best.get("diffusers")))
     swept = ", ".join(f"{job.side}{'+cache' if job.latent_cache else ''} b{job.batch}: "
                       + ("failed" if "error" in results[job] else f"{samples_per_second(job, results):.1f}")
                       for job in sweep)
 
-    if not args.skip_end_to_end:
-        data, initial = prepare_run_inputs(args.out, args.pairs)
-        ours_best = best.get("ours")
-        runs = [("train_default", 4, [])]
-        if ours_best is not None:
-            cache = args.out / "latent_cache"
-            if not cache.is_dir():
-                run_logged([sys.executable, "tool_cache_latents.py", "--config", FULL_CONFIG, "--resume_path",
-                            str(initial), "--data_root", str(data), "--out", str(cache)], args.out / "cache.log")
-            runs.append(("train_lean_cache", ours_best.batch, [*LEAN_FLAGS, "--latent_cache", str(cache)]))
-        for name, batch, extra in runs:
-            try:
-                run = train_end_to_end(name, args.out, data, initial, batch, args.train_steps, extra)
-            except RuntimeError as error:
-                print(error, file=sys.stderr)
-                rows.append([f"tutorial_train.py {name}", str(batch), "", "failed", "", "", "", ""])
-                continue
-            rows.append([f"tutorial_train.py ({' '.join(extra) or '--precision bf16-mixed'})", str(batch),
-                         "off" if extra else "default", "", f"{run['samples_per_sec']:.1f}", "", "",
-                         f"{run['peak_gib']:.2f} (nvidia-smi)"])
+    if preparing is not None:
+        preparing.join()
+        rows += end_to_end_rows(args, preparing.inputs, best.get("ours"))
     print_table(rows)
     print(f"batch sweep, samples/s: {swept}")
     for line in write_profiles(at_four, results, args.out):

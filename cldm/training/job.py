@@ -92,7 +92,7 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.control_model.set_gradient_checkpointing(args.gradient_checkpointing)
     return apply_speed_options(model, frozen_dtype=getattr(torch, args.frozen_dtype), channels_last=args.channels_last,
-                               compile=args.compile)
+                               compile=args.compile, recompute_weight_casts=args.recompute_weight_casts)
 
 
 def check_dataset(root: str, resolution: int | None) -> None:

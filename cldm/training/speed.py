@@ -2,7 +2,8 @@
 autocast, compilation.
 
 Each function changes one thing, explicitly, on a model the caller built; the model's code does not know about
-them. All are opt-in but the recomputed weight casts, which change memory, not results.
+them. All are opt-in but the recomputed weight casts, which the training job installs on the CPU by default (they
+change memory, not results).
 """
 from __future__ import annotations
 
@@ -181,11 +182,12 @@ def trainable_networks(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_speed_options(model: nn.Module, frozen_dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                        compile: bool = False) -> nn.Module:
-    """Install the recomputed weight casts on the trainable networks and apply the opt-in settings above, in the
-    order they need: frozen storage first (it picks layers by `requires_grad`), then memory format, then
-    compilation of the result."""
-    recompute_weight_casts_in(trainable_networks(model))
+                        compile: bool = False, recompute_weight_casts: bool = True) -> nn.Module:
+    """Install the recomputed weight casts on the trainable networks (unless told not to) and apply the opt-in
+    settings above, in the order they need: frozen storage first (it picks layers by `requires_grad`), then memory
+    format, then compilation of the result."""
+    if recompute_weight_casts:
+        recompute_weight_casts_in(trainable_networks(model))
     if frozen_dtype != torch.float32:
         store_frozen_weights_in(model, frozen_dtype)
     if channels_last:

@@ -10,20 +10,24 @@ from benchmarks import gpu_check
 
 def test_batch_four_compares_both_sides_and_the_sweep_runs_each_sides_fastest_setting():
     at_four, sweep = gpu_check.step_jobs([16, 32], steps=6, warmup=3)
-    assert [(job.side, job.checkpointing, job.label) for job in at_four[:4]] == [
-        ("diffusers", False, "diffusers, ckpt off"),
-        ("ours", False, "ours, ckpt off"),
-        ("ours", False, "ours, ckpt off, frozen bf16, AdamW in backward"),
-        ("ours", False, "ours, ckpt off, frozen bf16, AdamW in backward, latent cache"),
+    assert [(title, job.label) for title, job in at_four] == [
+        ("diffusers step", "diffusers, ckpt off"),
+        ("ours step (tutorial_train defaults)", "ours, ckpt off, frozen bf16"),
+        ("ours, frozen weights in fp32", "ours, ckpt off"),
+        ("ours, weight casts recomputed", "ours, ckpt off, frozen bf16, weight casts recomputed"),
+        ("ours, lean (AdamW in backward)", "ours, ckpt off, frozen bf16, AdamW in backward"),
+        ("ours, lean + latent cache", "ours, ckpt off, frozen bf16, AdamW in backward, latent cache"),
+        ("diffusers step", "diffusers, ckpt on"),
+        ("ours step (tutorial_train defaults)", "ours, ckpt on, frozen bf16"),
     ]
-    assert [job.checkpointing for job in at_four[4:]] == [True] * 4
-    assert all(job.batch == 4 and job.resolution == 512 and job.precision == "bf16-mixed" for job in at_four)
+    jobs = [job for _, job in at_four]
+    assert all(job.batch == 4 and job.resolution == 512 and job.precision == "bf16-mixed" for job in jobs)
+    assert [job.profile for job in jobs] == [True] * 6 + [False] * 2  # a profiled step per row without ckpt
     assert [(job.side, job.batch, job.latent_cache, job.checkpointing) for job in sweep] == [
         ("diffusers", 16, False, False), ("ours", 16, True, False),
         ("diffusers", 32, False, False), ("ours", 32, True, False),
     ]
     assert not any(job.count or job.profile for job in sweep)  # the sweep only times
-    assert [job.profile for job in at_four] == [True] * 4 + [False] * 4  # one profiled step per row without ckpt
 
 
 def test_the_best_batch_is_the_highest_throughput_among_the_rows_that_ran():
