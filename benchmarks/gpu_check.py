@@ -198,8 +198,8 @@ def train_end_to_end(name: str, out: Path, data: Path, initial: Path, batch: int
     root = out / name
     command = [sys.executable, "tutorial_train.py", "--config", FULL_CONFIG, "--resume_path", str(initial),
                "--data_root", str(data), "--batch_size", str(batch), "--precision", "bf16-mixed",
-               "--max_steps", str(steps), "--logger_freq", str(10 * steps), "--checkpoint_every_n_steps", str(10 * steps), "--seed", "0",
-               "--default_root_dir", str(root), *extra]
+               "--max_steps", str(steps), "--logger_freq", str(10 * steps),
+               "--checkpoint_every_n_steps", str(10 * steps), "--seed", "0", "--default_root_dir", str(root), *extra]
     with GpuMemoryPeak() as memory:
         run_logged(command, out / f"{name}.log")
     metrics = sorted(root.glob("lightning_logs/version_*/metrics.csv"))[-1]
