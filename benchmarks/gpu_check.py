@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += end_to_end_rows(args, preparing.inputs, best.get("ours"))
     print_table(rows)
     print(f"batch sweep, samples/s: {swept}")
-    for line in write_profiles(at_four, results, args.out):
+    for line in write_profiles([job for _, job in at_four], results, args.out):
         print(line)
     return 0
 

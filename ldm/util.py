@@ -19,6 +19,15 @@ T = TypeVar("T")
 _NONE_TARGETS = ("__is_first_stage__", "__is_unconditional__")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor.to(device, dtype)` for a tensor made on the host during a step (noise, tokens): copied to a GPU
+    through pinned memory without waiting, so the host keeps queueing work instead of stalling until the GPU has
+    caught up (a plain copy from pageable memory synchronises). The values are the same."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype)
+
+
 def exists(value: Any) -> bool:
     """True when `value` is not None."""
     return value is not None

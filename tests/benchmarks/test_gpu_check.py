@@ -51,3 +51,13 @@ def test_steady_throughput_is_taken_from_the_second_half_of_the_logged_steps(tmp
     metrics.write_text("step,train/time,train/samples\n0,1.0,4\n")
     with pytest.raises(RuntimeError, match="fewer than 4 steps"):
         gpu_check.steady_samples_per_second(metrics)
+
+
+def test_profiled_steps_are_written_beside_the_logs_with_a_summary_line(tmp_path):
+    at_four, _ = gpu_check.step_jobs([16], steps=6, warmup=3)
+    jobs = [job for _, job in at_four]
+    profile = {"wall_seconds": 0.5, "device_seconds": 0.1, "kernels": 5000, "table": "op table"}
+    results = {job: {"times": [0.2], "profile": profile} if job.profile else {"times": [0.3]} for job in jobs}
+    lines = gpu_check.write_profiles(jobs, results, tmp_path)
+    assert len(lines) == 6 and "0.500 s wall, GPU busy 0.100 s, 5000 kernels" in lines[0]
+    assert (tmp_path / "profile_diffusers__ckpt_off.txt").read_text() == "op table"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.util import default, instantiate_from_config, log_txt_as_img
+from ldm.util import default, instantiate_from_config, log_txt_as_img, to_device
 
 
 def test_instantiate_from_config_builds_target_with_params():
@@ -37,3 +37,10 @@ def test_caption_images_are_white_canvases_with_dark_text():
     assert images.shape == (2, 3, 128, 256)
     assert images.min() >= -1 and images.max() <= 1
     assert images[0].min() < 0 and torch.all(images[1] == 1)  # text drawn on the first, blank second
+
+
+def test_to_device_keeps_values_and_casts_on_the_host():
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    moved = to_device(noise, torch.device("cpu"), torch.bfloat16)
+    assert moved.dtype == torch.bfloat16 and torch.equal(moved, noise.to(torch.bfloat16))
+    assert to_device(noise, torch.device("cpu")) is noise  # nothing to copy

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ldm.util import to_device
+
 
 class DiagonalGaussianDistribution:
     """Diagonal Gaussian whose mean and log-variance are the two channel halves of `parameters` (B, 2C, H, W).
@@ -33,7 +35,7 @@ class DiagonalGaussianDistribution:
         """
         generator_device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(self.mean.shape, generator=generator, device=generator_device, dtype=torch.float32)
-        return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * to_device(noise, self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         """The most likely latent, i.e. the mean."""

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.modules.encoders.clip_text import CLIPTextModel, OpenCLIPTextModel
+from ldm.util import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         # 1. tokenize: one window per prompt, or three consecutive 75-token chunks with long_prompt
         tokens = self.tokenize(text, num_windows=3 if self.long_prompt else 1)  # (B, F, 77)
         batch = tokens.shape[0]
-        tokens = tokens.flatten(0, 1).to(self.device)  # (B·F, 77)
+        tokens = to_device(tokens.flatten(0, 1), self.device)  # (B·F, 77)
         # 2. run the text transformer and pick the requested features
         z = self.features(tokens)  # (B·F, 77, W), or (B·F, 1, W) when pooled
         # 3. concatenate the windows of each prompt along the tokens
@@ -296,7 +297,7 @@ class FrozenOpenCLIPEmbedder(FrozenTextEncoder):
             self.freeze()
 
     def forward(self, text: str | list[str]) -> torch.Tensor:
-        tokens = self.tokenize(text)[:, 0].to(self.device)  # (B, 77)
+        tokens = to_device(self.tokenize(text)[:, 0], self.device)  # (B, 77)
         return self.encode_with_transformer(tokens)  # (B, 77, W)
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
