@@ -181,15 +181,18 @@ class GpuMemoryPeak:
 
 
 def steady_samples_per_second(metrics_csv: Path) -> float:
-    """Samples per second over the second half of the run (warm-up excluded), from the cumulative samples and
-    seconds that the throughput monitor logs every step."""
+    """Samples per second of the median step in the second half of the run (warm-up excluded, and so are the
+    restarts of a small data set's epochs), from the cumulative samples and seconds that the throughput monitor
+    logs every step."""
     with metrics_csv.open() as handle:
         points = [(float(row["train/time"]), int(float(row["train/samples"]))) for row in csv.DictReader(handle)
                   if row.get("train/time") and row.get("train/samples")]
     if len(points) < 4:
         raise RuntimeError(f"{metrics_csv} logs fewer than 4 steps of train/time and train/samples")
-    (start_time, start_samples), (end_time, end_samples) = points[len(points) // 2], points[-1]
-    return (end_samples - start_samples) / (end_time - start_time)
+    second_half = points[len(points) // 2 - 1:]
+    rates = [(samples - earlier_samples) / (time - earlier_time)
+             for (earlier_time, earlier_samples), (time, samples) in zip(second_half, second_half[1:])]
+    return statistics.median(rates)
 
 
 def train_end_to_end(name: str, out: Path, data: Path, initial: Path, batch: int, steps: int,

@@ -39,14 +39,15 @@ def test_the_best_batch_is_the_highest_throughput_among_the_rows_that_ran():
     assert (best["diffusers"].batch, best["ours"].batch) == (32, 32)
 
 
-def test_steady_throughput_is_taken_from_the_second_half_of_the_logged_steps(tmp_path):
+def test_steady_throughput_is_the_median_step_of_the_second_half(tmp_path):
     metrics = tmp_path / "metrics.csv"
+    seconds = [5.0] + [0.5] * 6 + [4.0] + [0.5] * 4  # warm-up, then 0.5 s per batch of 4, one epoch restart
     with metrics.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "train/time", "train/samples", "train/loss"])
         writer.writerow([0, "", "", 1.0])  # other metrics' rows have no throughput
-        for step in range(10):  # a slow first step (warm-up), then 0.5 s per batch of 4
-            writer.writerow([step, 5.0 + 0.5 * step, 4 * (step + 1), ""])
+        for step, elapsed in enumerate(seconds):
+            writer.writerow([step, sum(seconds[:step + 1]), 4 * (step + 1), ""])
     assert gpu_check.steady_samples_per_second(metrics) == pytest.approx(8.0)
     metrics.write_text("step,train/time,train/samples\n0,1.0,4\n")
     with pytest.raises(RuntimeError, match="fewer than 4 steps"):
