@@ -11,6 +11,7 @@ from cldm.training.job import (
     apply_host_memory_option,
     build_callbacks,
     build_dataloader,
+    build_dataset,
     build_model,
     build_trainer,
     check_dataset,
@@ -19,5 +20,5 @@ from cldm.training.job import (
 
 __all__ = [
     "DISTRIBUTED_DEFAULTS", "SD21_DEFAULTS", "SINGLE_DEVICE_DEFAULTS", "apply_host_memory_option", "build_callbacks",
-    "build_dataloader", "build_model", "build_parser", "build_trainer", "check_args", "check_dataset", "main",
+    "build_dataloader", "build_dataset", "build_model", "build_parser", "build_trainer", "check_args", "check_dataset", "main",
 ]

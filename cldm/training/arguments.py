@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cldm.data.latent_cache import default_cache_folder
+from cldm.training.batch_probe import MAX_BATCH
 from cldm.training.callbacks import newest_checkpoint
 from ldm.checkpoint import read_checkpoint
 
@@ -60,6 +61,16 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name, **kwargs)
 
 
+def _batch_size(value: str) -> int | str:
+    """A batch size, or `MAX_BATCH`."""
+    if value == MAX_BATCH:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is neither a number nor '{MAX_BATCH}'") from None
+
+
 def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.ArgumentParser:
     """The training CLI; every default is the original script's constant."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -103,7 +114,9 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     data = parser.add_argument_group("data")
     _flag(data, "data_root", default="./training/fill50k", help="folder with prompt.json, source/ and target/")
     _flag(data, "resolution", type=int, default=None, help="resize images to this size (multiple of 64)")
-    _flag(data, "batch_size", type=int, default=defaults["batch_size"], help="samples per device per step")
+    _flag(data, "batch_size", type=_batch_size, default=defaults["batch_size"],
+          help=f"samples per device per step; '{MAX_BATCH}': the largest whose step fits in the GPU's memory, "
+               "found by trying the step before training (one GPU)")
     _flag(data, "num_workers", type=int, default=defaults["num_workers"],
           help=f"DataLoader worker processes (default: 0 on CPU as the original, up to {MAX_GPU_WORKERS} per GPU)")
     _flag(data, "prompt_dropout", type=float, default=0.0, help="probability of training with an empty prompt")
@@ -218,6 +231,19 @@ def _resolve_device_defaults(args: argparse.Namespace) -> None:
         args.recompute_weight_casts = not uses_gpu(args)
 
 
+def _check_batch_probe(args: argparse.Namespace) -> None:
+    """`--batch_size max` measures one GPU's memory with an eager step."""
+    if args.batch_size != MAX_BATCH:
+        return
+    if not uses_gpu(args):
+        raise ValueError(f"--batch_size {MAX_BATCH} measures a GPU's memory and this run trains on the CPU; pass a "
+                         "number")
+    if args.devices * args.num_nodes > 1 or args.compile:
+        reason = "more than one device or node" if not args.compile else "--compile (the probe runs eagerly)"
+        raise ValueError(f"--batch_size {MAX_BATCH} cannot be combined with {reason}; find the batch with one GPU "
+                         f"and pass it as a number")
+
+
 def _check_optimizer_in_backward(args: argparse.Namespace) -> None:
     """Refuse what cannot work when each parameter is updated during backward, before the step is complete."""
     if not args.optimizer_in_backward:
@@ -241,7 +267,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision '{args.precision}' is not one of 32, bf16-mixed, 16-mixed")
     args.precision = PRECISIONS[args.precision]
-    for name in ("batch_size", "logger_freq", "devices", "num_nodes", "accumulate_grad_batches",
+    if args.batch_size != MAX_BATCH:
+        _check_positive("batch_size", args.batch_size, allow_none=False)
+    for name in ("logger_freq", "devices", "num_nodes", "accumulate_grad_batches",
                  "checkpoint_every_n_steps", "keep_last_k", "log_ddim_steps", "learning_rate"):
         _check_positive(name, getattr(args, name), allow_none=False)
     _check_positive("max_epochs", args.max_epochs)
@@ -259,6 +287,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--frozen_dtype {args.frozen_dtype} needs --precision bf16-mixed or 16-mixed "
                          "(half-precision weights without autocast would meet float32 inputs)")
     _check_optimizer_in_backward(args)
+    _check_batch_probe(args)
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config: {args.config} does not exist")
     args.resume_from_checkpoint = _resolve_resume(args.resume_from_checkpoint, args.default_root_dir)

@@ -36,6 +36,7 @@ from cldm.training.arguments import (
     retains_host_memory,
     uses_gpu,
 )
+from cldm.training.batch_probe import MAX_BATCH, largest_batch
 from cldm.training.callbacks import (
     CachedEncodersOnCPU,
     GracefulStop,
@@ -129,17 +130,31 @@ def default_num_workers(on_gpu: bool, devices: int) -> int:
     return max(1, min(MAX_GPU_WORKERS, (os.cpu_count() or 1) // max(1, devices) - 1))
 
 
-def build_dataloader(args: argparse.Namespace, on_gpu: bool) -> DataLoader:
-    """Fill50K-format data, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank."""
+def build_dataset(args: argparse.Namespace) -> MyDataset:
+    """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, checked before any
+    heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
                         seed=args.seed)
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
+    check_dataset(args.data_root, args.resolution)
+    return dataset
+
+
+def resolve_batch_size(args: argparse.Namespace, model: pl.LightningModule, dataset: MyDataset) -> None:
+    """Replace `--batch_size max` by the largest batch whose step fits on the GPU (`cldm.training.batch_probe`)."""
+    if args.batch_size != MAX_BATCH:
+        return
+    args.batch_size = largest_batch(model, dataset[0], len(dataset), args.precision, torch.device("cuda"))
+    rank_zero_info(f"--batch_size max: training with batch {args.batch_size}, the largest that fits")
+
+
+def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool) -> DataLoader:
+    """Batches of `dataset`, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank."""
     if args.batch_size > len(dataset):
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
                          f"{args.data_root}; use a smaller batch size")
-    check_dataset(args.data_root, args.resolution)
     sampler = ResumableRandomSampler(len(dataset), args.seed)
     # Each new iterator draws its workers' base seed from `generator`; from the global random stream it would take
     # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
@@ -218,8 +233,10 @@ def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: s
     torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
-    dataloader = build_dataloader(args, on_gpu=uses_gpu(args))
+    dataset = build_dataset(args)
     model = build_model(args)
+    resolve_batch_size(args, model, dataset)
+    dataloader = build_dataloader(args, dataset, on_gpu=uses_gpu(args))
     apply_host_memory_option(args)
     trainer = build_trainer(args, dataloader.sampler)
     try:

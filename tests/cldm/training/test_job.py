@@ -211,6 +211,7 @@ def _bad_input_cases(initial: Path, data: Path, root: Path) -> list[tuple[list[s
         (base + ["--accelerator", "tpu"], "--accelerator"),
         (base + ["--resolution", "100"], "--resolution"),
         (base + ["--frozen_dtype", "bfloat16"], "--frozen_dtype bfloat16 needs --precision"),
+        (base + ["--batch_size", "max"], "--batch_size max measures a GPU's memory"),
     ]
 
 
