@@ -559,6 +559,12 @@ def _(inputs, tmp, monkeypatch):
                 "--batch_size must be a positive number, got 0")
 
 
+@row("train-batch-size-max-on-cpu")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--batch_size", "max"),
+                "--batch_size max measures a GPU's memory and this run trains on the CPU; pass a number")
+
+
 @row("train-unknown-precision")
 def _(inputs, tmp, monkeypatch):
     return Case(tutorial_train.main, _train(inputs, tmp, "--precision", "fp8"),
