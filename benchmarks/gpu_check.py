@@ -8,7 +8,7 @@ Prints one table (SD1.5 architecture, random weights, bf16-mixed, 512 px):
 - the best batch of each side in a sweep (diffusers; ours lean with the cache; no checkpointing), by samples/s;
 - `tutorial_train.py` end to end on a small synthetic Fill50K (steady-state samples/s from its CSV log), once with
   `--precision bf16-mixed` alone at batch 4 and once lean with the latent cache at our best batch; their inputs (a
-  random SD1.5 and the data) are made on the CPU while the GPU measures the step rows.
+  random SD1.5 and the data) are made on the host while the GPU-bound batch sweep runs.
 Every row has its peak GPU memory, and the batch-4 rows without checkpointing a profiled step (written beside).
 Step rows come from `benchmarks.bench_train_step` (one process per row); MFU is counted FLOPs per second against
 the bf16 matmul peak measured here.
@@ -133,7 +133,7 @@ def prepare_run_inputs(out: Path, pairs: int) -> tuple[Path, Path]:
 
 
 class PreparingRunInputs(threading.Thread):
-    """`prepare_run_inputs` in the background (niced, four threads) while the GPU measures the step rows."""
+    """`prepare_run_inputs` in the background (niced, four threads) while the GPU measures the batch sweep."""
 
     def __init__(self, out: Path, pairs: int) -> None:
         super().__init__(daemon=True)
@@ -290,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16-mixed, {RESOLUTION} px", flush=True)
 
     at_four, sweep = step_jobs(args.batch_sizes, args.steps, args.warmup)
+    results = run_all([job for _, job in at_four], rounds=1)  # alone: at batch 4 the host's speed is the step's
     preparing = None if args.skip_end_to_end else start_preparing_run_inputs(args.out, args.pairs)
-    results = run_all([job for _, job in at_four] + sweep, rounds=1)
+    results.update(run_all(sweep, rounds=1))
     rows = []
     for title, job in at_four:
         diffusers_job = replace(at_four[0][1], checkpointing=job.checkpointing, profile=job.profile)
