@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
 PARAMETERIZATIONS = ("eps", "x0", "v")
-# Batch keys of a latent cache (cldm.data.latent_cache): the VAE posterior's moments (B, 2C, h, w), mean and log-variance
-# concatenated on the channel axis, in place of the image; the prompts' embeddings (B, 77, D) in place of the text.
+# Batch keys of a latent cache (cldm.data.latent_cache): the VAE posterior's moments (B, 2C, h, w), mean and
+# log-variance concatenated on the channel axis, in place of the image; the prompts' embeddings (B, 77, D) in place
+# of the text.
 LATENT_MOMENTS_KEY = "latent_moments"
 TEXT_EMBEDDING_KEY = "txt_embedding"
 
