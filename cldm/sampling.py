@@ -135,8 +135,8 @@ def read_image(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np
                          f"shrink it, or raise the limit with --max_image_pixels") from None
     height, width = image.shape[:2]
     if max(height, width) > MAX_HINT_ASPECT_RATIO * min(height, width):
-        raise ValueError(f"hint image '{path}' is {width}x{height} px, longer than {MAX_HINT_ASPECT_RATIO} times its "
-                         f"width or height; crop or pad it to an aspect ratio of at most {MAX_HINT_ASPECT_RATIO}:1")
+        raise ValueError(f"hint image '{path}' is {width}x{height} px, one side more than {MAX_HINT_ASPECT_RATIO} times "
+                         f"the other; crop or pad it to an aspect ratio of at most {MAX_HINT_ASPECT_RATIO}:1")
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
     if image.dtype != np.uint8:

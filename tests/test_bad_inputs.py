@@ -782,7 +782,7 @@ def _(inputs, tmp, monkeypatch):
     hint = tmp / "thin.png"
     Image.new("L", (1, 5000)).save(hint)
     return Case(tool_sample.main, _sample(inputs, tmp, "--hint", hint),
-                f"hint image '{hint}' is 1x5000 px, longer than 4 times its width or height; crop or pad it to an "
+                f"hint image '{hint}' is 1x5000 px, one side more than 4 times the other; crop or pad it to an "
                 f"aspect ratio of at most 4:1")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -39,10 +40,10 @@ class TooManyPixelsError(ValueError):
         self.path, self.width, self.height, self.limit = path, width, height, limit
 
     def size_text(self) -> str:
-        """'WxH px' from the header, or 'more than N pixels' where Pillow refused to give the size."""
+        """'WxH px' from the header, or 'over N pixels' where Pillow refused to give the size."""
         if self.width and self.height:
             return f"{self.width}x{self.height} px"
-        return f"more than {PILLOW_MAX_IMAGE_PIXELS} pixels"
+        return f"over {PILLOW_MAX_IMAGE_PIXELS} pixels"
 
 
 def check_pixel_limit(max_pixels: int, flag: str) -> None:
@@ -90,7 +91,7 @@ def read_unchanged(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_
     return _decoded(path, lambda: cv2.imdecode(data, cv2.IMREAD_UNCHANGED))
 
 
-def _decoded(path: str | os.PathLike, decode) -> np.ndarray:
+def _decoded(path: str | os.PathLike, decode: Callable[[], np.ndarray | None]) -> np.ndarray:
     """The array `decode()` returns; an OpenCV error, None or an empty array is an `UnreadableImageError`."""
     try:
         image = decode()

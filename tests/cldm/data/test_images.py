@@ -70,7 +70,7 @@ def test_over_pillows_own_limit_is_too_many_pixels(tmp_path: Path) -> None:
     Image.new("1", (14000, 14000)).save(path)
     with pytest.raises(TooManyPixelsError) as caught:
         header_size(path, max_pixels=PILLOW_MAX_IMAGE_PIXELS)
-    assert caught.value.size_text() == f"more than {PILLOW_MAX_IMAGE_PIXELS} pixels"
+    assert caught.value.size_text() == f"over {PILLOW_MAX_IMAGE_PIXELS} pixels"
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n truncated", b"GIF89a not really", b"plain text\n"],
