@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from cldm.cli import add_debug_argument, run
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.data.latent_cache import STORAGE_DTYPES
 from cldm.data.latent_cache_writer import cache_latents
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_root", default="./training/fill50k", help="folder with prompt.json and the images")
     parser.add_argument("--resolution", type=int, default=None,
                         help="resize the targets to this size, as training's --resolution (which must be the same)")
+    parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse an image whose header gives more pixels than this (8192x8192), as training does")
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(STORAGE_DTYPES),
                         help="stored dtype of the latent moments and the text embeddings")
     parser.add_argument("--batch_size", type=int, default=32, help="images or prompts encoded at once")
@@ -51,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     out = cache_latents(args.config, args.resume_path, args.data_root, args.out, resolution=args.resolution,
                         dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers,
-                        device=args.device, overwrite=args.overwrite)
+                        device=args.device, overwrite=args.overwrite, max_image_pixels=args.max_image_pixels)
     print(f"Wrote the latent cache of {args.data_root} to {out} in {time.perf_counter() - start:.1f} s; train "
           f"with --latent_cache {out}")
     return 0

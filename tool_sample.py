@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cldm.cli import add_debug_argument, run
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
 from cldm.sampling import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
     parser.add_argument("--seed", type=int, default=-1, help="random seed; -1 picks one in [0, 65535]")
     parser.add_argument("--resolution", type=int, default=512, help="short side of the hint, in pixels")
+    parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse a hint whose header gives more pixels than this, before decoding it (8192x8192)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
                         help="32: float32; bf16 / 16: autocast (16 on CUDA only)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -71,6 +74,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value in {"--strength": args.strength, "--eta": args.eta, "--scale": args.scale}.items():
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    check_pixel_limit(args.max_image_pixels, "--max_image_pixels")
     if not -1 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be -1 or in [0, {MAX_SEED}], got {args.seed}")
 
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     weights = WeightSources(args.config, ckpt=args.ckpt, base=args.base, control=args.control)
     sample_to_files(weights, args.hint, args.out, settings, args.resolution, device_name=args.device,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, max_image_pixels=args.max_image_pixels)
     return 0
 
 

@@ -20,6 +20,7 @@ from pytorch_lightning import seed_everything
 from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, CONTROL_PREFIX, detect_base_model
 from cldm.checkpoints.atomic import atomic_write
 from cldm.checkpoints.paths import check_output_path
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, read_unchanged
 from cldm.ddim_hacked import DDIMSampler
 from cldm.model import check_config_path, create_model, load_weights
 from ldm.checkpoint import PathLike, check_input_path, read_state_dict
@@ -35,6 +36,9 @@ DEFAULT_N_PROMPT = (
 # The latent grid is 1/8 of the image; both sides are rounded to multiples of 64 as in the apps.
 LATENT_FACTOR = 8
 SIDE_MULTIPLE = 64
+# A hint whose long side is more than this many times its short side is refused: scaled so that the short side is
+# --resolution, it would make a sample of many megapixels (a 1x5000 px hint: 512x2560000 px).
+MAX_HINT_ASPECT_RATIO = 4
 # --precision values: autocast dtype (None: full float32) and the devices it may run on.
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 _PRECISION_DEVICES = {"32": ("cpu", "cuda"), "bf16": ("cpu", "cuda"), "16": ("cuda",)}
@@ -113,16 +117,26 @@ def load_control_ldm(
 # ---------------------------------------------------------------------------------------------
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """An image file as uint8 (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA."""
+def read_image(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An image file as uint8 (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA; refused before decoding when its header
+    gives more than `max_pixels` pixels, and refused when one side is over `MAX_HINT_ASPECT_RATIO` times the other."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"hint image '{path}' does not exist; check the path")
     if not path.is_file():
         raise IsADirectoryError(f"hint image '{path}' is a folder; pass an image file")
-    image = cv2.imdecode(np.frombuffer(path.read_bytes(), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise ValueError(f"hint image '{path}' cannot be read as an image; pass a PNG, JPEG or other common format")
+    try:
+        image = read_unchanged(path, max_pixels)
+    except UnreadableImageError:
+        raise ValueError(f"hint image '{path}' cannot be read as an image; pass a PNG, JPEG or other common "
+                         f"format") from None
+    except TooManyPixelsError as error:
+        raise ValueError(f"hint image '{path}' is {error.size_text()}, more than the {error.limit} pixels allowed; "
+                         f"shrink it, or raise the limit with --max_image_pixels") from None
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_HINT_ASPECT_RATIO * min(height, width):
+        raise ValueError(f"hint image '{path}' is {width}x{height} px, one side more than {MAX_HINT_ASPECT_RATIO} times "
+                         f"the other; crop or pad it to an aspect ratio of at most {MAX_HINT_ASPECT_RATIO}:1")
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
     if image.dtype != np.uint8:
@@ -294,16 +308,17 @@ class WeightSources(NamedTuple):
 
 
 def sample_to_files(weights: WeightSources, hint_path: PathLike, out: PathLike, settings: SampleSettings,
-                    resolution: int, device_name: str | None = None, overwrite: bool = False) -> None:
+                    resolution: int, device_name: str | None = None, overwrite: bool = False,
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Sample from the ControlLDM of `weights` for the hint image `hint_path`; write the grid `out` (hint map, then
-    the samples) and each image on its own next to it."""
+    the samples) and each image on its own next to it. A hint with more than `max_image_pixels` pixels is refused."""
     # 1. cheap checks before loading anything
     device = choose_device(device_name)
     autocast_context(settings.precision, device)
     paths = output_paths(out, settings.num_samples)
     for path in paths.values():
         check_output_path(path, overwrite=overwrite)
-    hint = prepare_hint(read_image(hint_path), resolution)
+    hint = prepare_hint(read_image(hint_path, max_image_pixels), resolution)
 
     # 2. the model, then the samples
     model = load_control_ldm(weights.config, ckpt=weights.ckpt, base=weights.base, control=weights.control)

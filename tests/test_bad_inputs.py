@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 import tool_add_control
 import tool_add_control_sd21
@@ -500,6 +501,64 @@ def _(inputs, tmp, monkeypatch):
                 f"{data}/target/2.png); restore them or remove their lines")
 
 
+def _huge_png(path: Path, size: tuple[int, int] = (12000, 12000)) -> Path:
+    """A PNG whose header gives `size` (width, height): 1-bit black, a few KB on disk, gigabytes decoded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("1", size).save(path)
+    return path
+
+
+OUTSIDE = "which is outside the data set folder; give a path inside it (relative, with no '..' or symlink leading out)."
+
+
+@row("train-image-path-absolute")
+def _(inputs, tmp, monkeypatch):
+    elsewhere = tmp / "elsewhere" / "0.png"
+    _png(elsewhere)
+    lines = [json.dumps({"source": "source/0.png", "target": "target/0.png", "prompt": "circle"}),
+             json.dumps({"source": "source/1.png", "target": str(elsewhere), "prompt": "circle"})]
+    data = _dataset(tmp / "data", 2, lines=lines)
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"Line 2 of {data}/prompt.json gives the target image '{elsewhere}', {OUTSIDE}")
+
+
+@row("train-image-path-leaves-folder")
+def _(inputs, tmp, monkeypatch):
+    _png(tmp / "x.png")
+    lines = [json.dumps({"source": "source/../source/0.png", "target": "target/0.png", "prompt": "circle"}),
+             json.dumps({"source": "../../x.png", "target": "target/1.png", "prompt": "circle"})]
+    data = _dataset(tmp / "users" / "data", 2, lines=lines)
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"Line 2 of {data}/prompt.json gives the source image '../../x.png', {OUTSIDE}")
+
+
+@row("train-image-symlink-leaves-folder")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2)
+    _png(tmp / "secret.png")
+    (data / "source" / "0.png").unlink()
+    (data / "source" / "0.png").symlink_to(data / "target" / "0.png")  # inside the folder: accepted
+    (data / "target" / "1.png").unlink()
+    (data / "target" / "1.png").symlink_to(tmp / "secret.png")
+    return Case(tutorial_train.main, _train(inputs, tmp, data=data),
+                f"Line 2 of {data}/prompt.json gives the target image 'target/1.png', {OUTSIDE}")
+
+
+@row("train-image-too-many-pixels")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "data", 2)
+    _huge_png(data / "source" / "0.png")
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resolution", "64", data=data),
+                f"Image {data}/source/0.png is 12000x12000 px, more than the 67108864 pixels allowed; shrink it, or "
+                f"raise the limit with --max_image_pixels.")
+
+
+@row("train-max-image-pixels-out-of-range")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--max_image_pixels", "0"),
+                "--max_image_pixels must be between 1 and 178956970 (the largest image Pillow opens), got 0")
+
+
 @row("train-image-corrupt")
 def _(inputs, tmp, monkeypatch):
     data = _dataset(tmp / "data", 2)
@@ -702,6 +761,29 @@ def _(inputs, tmp, monkeypatch):
 def _(inputs, tmp, monkeypatch):
     return Case(tool_sample.main, _sample(inputs, tmp, "--hint", inputs.text),
                 f"hint image '{inputs.text}' cannot be read as an image; pass a PNG, JPEG or other common format")
+
+
+@row("sample-hint-empty")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_sample.main, _sample(inputs, tmp, "--hint", inputs.empty),
+                f"hint image '{inputs.empty}' cannot be read as an image; pass a PNG, JPEG or other common format")
+
+
+@row("sample-hint-too-many-pixels")
+def _(inputs, tmp, monkeypatch):
+    hint = _huge_png(tmp / "huge.png")
+    return Case(tool_sample.main, _sample(inputs, tmp, "--hint", hint),
+                f"hint image '{hint}' is 12000x12000 px, more than the 67108864 pixels allowed; shrink it, or raise "
+                f"the limit with --max_image_pixels")
+
+
+@row("sample-hint-extreme-aspect-ratio")
+def _(inputs, tmp, monkeypatch):
+    hint = tmp / "thin.png"
+    Image.new("L", (1, 5000)).save(hint)
+    return Case(tool_sample.main, _sample(inputs, tmp, "--hint", hint),
+                f"hint image '{hint}' is 1x5000 px, one side more than 4 times the other; crop or pad it to an "
+                f"aspect ratio of at most 4:1")
 
 
 @row("sample-output-exists")

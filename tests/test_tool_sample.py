@@ -196,3 +196,14 @@ def test_bad_inputs_give_a_clear_message_and_write_nothing(tmp_path, files, caps
     assert "must be a .png file" in _fails([*base, *ckpt, "--out", str(tmp_path / "x.jpg")], capsys)
     assert sorted(tmp_path.iterdir()) == before
     assert (tmp_path / "taken_0.png").read_bytes() == b"keep"
+
+
+def test_read_image_bounds_the_aspect_ratio_and_the_pixels(tmp_path) -> None:
+    for name, (height, width) in {"tall.png": (256, 64), "wide.png": (64, 256)}.items():
+        assert cv2.imwrite(str(tmp_path / name), np.zeros((height, width), np.uint8))
+        assert read_image(tmp_path / name).shape == (height, width)  # 4:1 is accepted
+    assert cv2.imwrite(str(tmp_path / "thin.png"), np.zeros((257, 64), np.uint8))
+    with pytest.raises(ValueError, match="is 64x257 px, one side more than 4 times the other"):
+        read_image(tmp_path / "thin.png")
+    with pytest.raises(ValueError, match="is 64x256 px, more than the 16383 pixels allowed"):
+        read_image(tmp_path / "tall.png", max_pixels=16383)

@@ -6,8 +6,10 @@ line, image paths relative to the folder) and the images it lists. Make Fill50K 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -15,22 +17,29 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from cldm.data.data_order import Visit
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, header_size, read_color
 from cldm.data.latent_cache import LatentCache
 
 REQUIRED_KEYS = ("source", "target", "prompt")
+IMAGE_KEYS = ("source", "target")
 
 
 def read_prompt_file(path: str) -> list[dict[str, str]]:
-    """The records of a JSON Lines prompt file, blank lines skipped; errors name the line number."""
+    """The records of a JSON Lines prompt file, blank lines skipped; errors name the line number.
+
+    Image paths must stay inside the prompt file's folder once symlinks are resolved: an absolute path, a `..` that
+    leaves the folder or a symlink pointing out of it is refused.
+    """
     with open(path, "rb") as file:
         raw_lines = file.read().splitlines()
-    records = [_parse_line(raw, number, path) for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
+    folder = _InsideFolder(os.path.dirname(path) or ".")
+    records = [_parse_line(raw, number, path, folder) for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
     if not records:
         raise ValueError(f"{path} lists no items; add one JSON object per line with keys {', '.join(REQUIRED_KEYS)}.")
     return records
 
 
-def _parse_line(raw: bytes, number: int, path: str) -> dict[str, str]:
+def _parse_line(raw: bytes, number: int, path: str, folder: _InsideFolder) -> dict[str, str]:
     try:
         text = raw.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError:
@@ -44,7 +53,41 @@ def _parse_line(raw: bytes, number: int, path: str) -> dict[str, str]:
     for key in REQUIRED_KEYS:
         if not isinstance(record.get(key), str):
             raise ValueError(f"Line {number} of {path} lacks the text key {key!r}.")
+    for key in IMAGE_KEYS:
+        if not folder.holds(record[key]):
+            raise ValueError(f"Line {number} of {path} gives the {key} image {record[key]!r}, which is outside the "
+                             f"data set folder; give a path inside it (relative, with no '..' or symlink leading out).")
     return record
+
+
+class _InsideFolder:
+    """Whether relative paths resolve (symlinks followed) to a place inside a folder; each subfolder is resolved
+    once, so a prompt file of 50,000 items costs one `lstat` per image."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+        self._prefix = os.path.join(self.root, "")
+        self._resolved: dict[str, str] = {}
+
+    def holds(self, relative_path: str) -> bool:
+        if os.path.isabs(relative_path) or "\0" in relative_path:
+            return False
+        parent, name = os.path.split(os.path.join(self.root, relative_path))
+        if parent not in self._resolved:
+            self._resolved[parent] = os.path.realpath(parent)
+        resolved = os.path.join(self._resolved[parent], name)
+        if name in ("", ".", "..") or os.path.islink(resolved):
+            resolved = os.path.realpath(resolved)
+        return resolved == self.root or resolved.startswith(self._prefix)
+
+
+def _check_same_size(item: dict[str, str], source_size: tuple[int, int], target_size: tuple[int, int]) -> None:
+    """Refuse an item whose source and target differ in (width, height)."""
+    if tuple(source_size) != tuple(target_size):
+        raise ValueError(
+            f"Source {item['source']} is {source_size[0]}x{source_size[1]} px but target {item['target']} "
+            f"is {target_size[0]}x{target_size[1]} px; they must match."
+        )
 
 
 def _hint_array(source: np.ndarray) -> np.ndarray:
@@ -71,6 +114,7 @@ class MyDataset(Dataset):
         seed: seed of the prompt-dropout draws; None follows torch's seeding.
         latent_cache: a cache of this data set (tool_cache_latents.py): items then hold the target's posterior
             moments and the prompt's embedding (`LatentCache.item`) instead of `jpg`, and no target is read.
+        max_image_pixels: an image whose header gives more pixels is refused before it is decoded.
     """
 
     def __init__(
@@ -80,6 +124,7 @@ class MyDataset(Dataset):
         prompt_dropout: float = 0.0,
         seed: int | None = None,
         latent_cache: LatentCache | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if resolution is not None and (resolution <= 0 or resolution % 8):
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}.")
@@ -99,6 +144,7 @@ class MyDataset(Dataset):
         self.prompt_dropout = prompt_dropout
         self.seed = seed
         self.latent_cache = latent_cache
+        self.max_image_pixels = max_image_pixels
         self.data = read_prompt_file(prompt_path)
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple[int, int] | None = None
@@ -113,11 +159,7 @@ class MyDataset(Dataset):
             return self._cached_item(item, idx, index)
         source = self._read_rgb(item["source"])
         target = self._read_rgb(item["target"])
-        if source.shape != target.shape:
-            raise ValueError(
-                f"Source {item['source']} is {source.shape[1]}x{source.shape[0]} px but target {item['target']} "
-                f"is {target.shape[1]}x{target.shape[0]} px; they must match."
-            )
+        _check_same_size(item, source.shape[1::-1], target.shape[1::-1])
         if self.resolution is not None:
             source, target = self._resize(source), self._resize(target)
         prompt = self._prompt(item, idx)
@@ -145,15 +187,40 @@ class MyDataset(Dataset):
         prompt = self._prompt(item, idx)
         return dict(txt=prompt, hint=_hint_array(source), **self.latent_cache.item(index, prompt))
 
-    def _read_rgb(self, relative_path: str) -> np.ndarray:
+    def check_item(self, index: int, reduction: int = 8) -> tuple[int, int]:
+        """(width, height) of item `index`, from its images' headers; both images are decoded, one at a time and
+        at 1/`reduction` of their size, to check that they can be."""
+        item = self.data[index]
+        sizes = [self._image_size(item[key]) for key in IMAGE_KEYS]
+        _check_same_size(item, *sizes)
+        for key in IMAGE_KEYS:
+            self._read_rgb(item[key], reduction)
+        return sizes[0]
+
+    def _image_size(self, relative_path: str) -> tuple[int, int]:
+        """(width, height) from the image's header."""
+        with self._reading(relative_path) as path:
+            return header_size(path, self.max_image_pixels)
+
+    def _read_rgb(self, relative_path: str, reduction: int = 1) -> np.ndarray:
         """uint8 RGB (H, W, 3); IMREAD_COLOR turns gray, RGBA and 16-bit files into 8-bit BGR first."""
+        with self._reading(relative_path) as path:
+            image = read_color(path, self.max_image_pixels, reduction)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    @contextlib.contextmanager
+    def _reading(self, relative_path: str) -> Iterator[str]:
+        """The image's path; a missing, unreadable or too large image becomes one sentence naming it."""
         path = os.path.join(self.root, relative_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Image {path} listed in prompt.json does not exist.")
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"Image {path} could not be read; it is not an image file OpenCV can decode.")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        try:
+            yield path
+        except UnreadableImageError:
+            raise ValueError(f"Image {path} could not be read; it is not an image file OpenCV can decode.") from None
+        except TooManyPixelsError as error:
+            raise ValueError(f"Image {path} is {error.size_text()}, more than the {error.limit} pixels allowed; "
+                             f"shrink it, or raise the limit with --max_image_pixels.") from None
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
         shrinking = image.shape[0] * image.shape[1] > self.resolution**2

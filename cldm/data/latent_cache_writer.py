@@ -17,6 +17,7 @@ from tqdm import tqdm
 from cldm.checkpoints.atomic import atomic_path
 from cldm.checkpoints.paths import check_output_path
 from cldm.data.dataset import MyDataset
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
 from cldm.data.latent_cache import (
     EMBEDDINGS_NAME,
     FORMAT_NAME,
@@ -131,21 +132,23 @@ def _write_text_embeddings(model: pl.LightningModule, prompts: list[str], path: 
 def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, out: PathLike | None = None, *,
                   resolution: int | None = None, dtype: str = "bfloat16", batch_size: int = 32,
                   num_workers: int | None = None, device: str | torch.device | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
     """The work of tool_cache_latents.py: check the inputs, build the model of `config` with the weights of
     `resume_path`, and write the cache of the data set at `data_root` to `out` (default `<data_root>/latent_cache`).
+    Images with more than `max_image_pixels` pixels are refused, as in training.
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be a positive number, got {batch_size}")
     if resolution is not None and (resolution <= 0 or resolution % 64):
         raise ValueError(f"--resolution must be a positive multiple of 64, got {resolution}")
+    check_pixel_limit(max_image_pixels, "--max_image_pixels")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     num_workers = num_workers if num_workers is not None else (4 if device.type == "cuda" else 0)
     out = Path(out) if out is not None else default_cache_folder(data_root)
 
     # 1. cheap checks before building the model
     check_config_path(config)
-    data_set = MyDataset(root=str(data_root), resolution=resolution)
+    data_set = MyDataset(root=str(data_root), resolution=resolution, max_image_pixels=max_image_pixels)
     check_cache_output(out, overwrite)
 
     # 2. the model with the weights training starts from, and the cache

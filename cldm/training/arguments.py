@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
 from cldm.data.latent_cache import default_cache_folder
 from cldm.training.batch_probe import MAX_BATCH
 from cldm.training.callbacks import newest_checkpoint
@@ -114,6 +115,8 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     data = parser.add_argument_group("data")
     _flag(data, "data_root", default="./training/fill50k", help="folder with prompt.json, source/ and target/")
     _flag(data, "resolution", type=int, default=None, help="resize images to this size (multiple of 64)")
+    _flag(data, "max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+          help="refuse an image whose header gives more pixels than this, before decoding it (default: 8192x8192)")
     _flag(data, "batch_size", type=_batch_size, default=defaults["batch_size"],
           help=f"samples per device per step; '{MAX_BATCH}': the largest whose step fits in the GPU's memory, "
                "found by trying the step before training (one GPU)")
@@ -279,6 +282,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--prompt_dropout must be in [0, 1], got {args.prompt_dropout}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
+    check_pixel_limit(args.max_image_pixels, "--max_image_pixels")
     if args.latent_cache == "":
         args.latent_cache = str(default_cache_folder(args.data_root))
     _check_hardware(args)

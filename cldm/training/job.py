@@ -24,6 +24,7 @@ from cldm.checkpoints.lightning_io import AtomicCheckpointIO
 from cldm.cli import EXIT_INTERRUPTED
 from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.data.latent_cache import LatentCache
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
@@ -96,16 +97,17 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
                                compile=args.compile, recompute_weight_casts=args.recompute_weight_casts)
 
 
-def check_dataset(root: str, resolution: int | None) -> None:
+def check_dataset(root: str, resolution: int | None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Fail before training rather than hours into it: every listed image exists, and the first item loads at a
-    size the model takes (a corrupt image further on is reported when it is read)."""
-    probe = MyDataset(root=root)
+    size the model takes (a corrupt image further on is reported when it is read). The first item is decoded at
+    1/8 of its size, one image at a time, after its headers passed the pixel limit."""
+    probe = MyDataset(root=root, max_image_pixels=max_image_pixels)
     listed = [os.path.join(root, record[key]) for record in probe.data for key in ("source", "target")]
     missing = [path for path in listed if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {root}/prompt.json do not "
                                 f"exist (the first is {missing[0]}); restore them or remove their lines")
-    height, width = probe[0]["jpg"].shape[:2]
+    width, height = probe.check_item(0)
     if resolution is None and (height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE):
         raise ValueError(f"the images in {root} are {width}x{height} px but the model needs sides that are "
                          f"multiples of {IMAGE_SIZE_MULTIPLE}; pass --resolution 512 (or another multiple of "
@@ -134,11 +136,11 @@ def build_dataset(args: argparse.Namespace) -> MyDataset:
     """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, checked before any
     heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
-                        seed=args.seed)
+                        seed=args.seed, max_image_pixels=args.max_image_pixels)
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
-    check_dataset(args.data_root, args.resolution)
+    check_dataset(args.data_root, args.resolution, args.max_image_pixels)
     return dataset
 
 

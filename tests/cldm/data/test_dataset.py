@@ -250,6 +250,55 @@ def test_source_and_target_sizes_must_match(tmp_path):
         MyDataset(root=str(root))[0]
 
 
+def _pair_lines(source: str, target: str = "target/0.png") -> list[str]:
+    return [json.dumps({"source": source, "target": target, "prompt": "p"})]
+
+
+@pytest.mark.parametrize("source", ["/etc/passwd", "../outside.png", "source/../../outside.png", "source/\0.png"])
+def test_image_paths_must_stay_inside_the_folder(tmp_path, source):
+    root = write_dataset(tmp_path / "data", {"source/0.png": solid((0, 0, 0)), "target/0.png": solid((0, 0, 0))},
+                         lines=_pair_lines("source/0.png") + _pair_lines(source))
+    with pytest.raises(ValueError, match=f"^Line 2 of {root / 'prompt.json'} gives the source image .* which is "
+                                         f"outside the data set folder; give a path inside it"):
+        MyDataset(root=str(root))
+
+
+def test_paths_and_symlinks_inside_the_folder_are_accepted(tmp_path):
+    real = write_dataset(tmp_path / "real", {"source/0.png": solid((255, 0, 0)), "target/0.png": solid((0, 0, 255))},
+                         lines=_pair_lines("target/../source/0.png", "./target/0.png"))
+    (real / "hint.png").symlink_to(real / "source" / "0.png")
+    (real / "prompt.json").write_text("\n".join(_pair_lines("target/../source/0.png") + _pair_lines("hint.png")))
+    (tmp_path / "link").symlink_to(real)  # the data set folder itself may be a symlink
+    dataset = MyDataset(root=str(tmp_path / "link"))
+    np.testing.assert_array_equal(dataset[0]["hint"], dataset[1]["hint"])
+
+
+def test_symlink_leading_out_of_the_folder_is_refused(tmp_path):
+    root = write_dataset(tmp_path / "data", {"source/0.png": solid((0, 0, 0)), "target/0.png": solid((0, 0, 0))})
+    cv2.imwrite(str(tmp_path / "private.png"), solid((0, 0, 0)))
+    (root / "target" / "0.png").unlink()
+    (root / "target" / "0.png").symlink_to(tmp_path / "private.png")
+    with pytest.raises(ValueError, match="Line 1 of .* gives the target image 'target/0.png', which is outside"):
+        MyDataset(root=str(root))
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path):
+    root = write_dataset(tmp_path, {"source/0.png": solid((0, 0, 0)), "target/0.png": solid((0, 0, 0))})
+    with pytest.raises(ValueError, match=f"Image {root / 'source/0.png'} is 64x64 px, more than the 4095 pixels "
+                                         f"allowed; shrink it, or raise the limit with --max_image_pixels."):
+        MyDataset(root=str(root), max_image_pixels=4095)[0]
+    assert MyDataset(root=str(root), max_image_pixels=4096)[0]["hint"].shape == (64, 64, 3)
+
+
+def test_check_item_gives_the_size_and_decodes_at_reduced_size(tmp_path):
+    root = write_dataset(tmp_path, {"source/0.png": np.zeros((64, 128, 3), np.uint8),
+                                    "target/0.png": np.zeros((64, 128, 3), np.uint8)})
+    assert MyDataset(root=str(root)).check_item(0) == (128, 64)
+    (root / "target" / "0.png").write_bytes((root / "target" / "0.png").read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"Image {root / 'target/0.png'} could not be read"):
+        MyDataset(root=str(root)).check_item(0)
+
+
 # --------------------------------------------------------------------------------------------
 # Scripts
 # --------------------------------------------------------------------------------------------
