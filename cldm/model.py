@@ -19,8 +19,8 @@ from ldm.util import instantiate_from_config
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "check_config_path", "check_weights_fit", "create_model", "get_state_dict", "key_mismatch", "load_config",
-    "load_state_dict", "load_weights", "read_control_stage_config",
+    "check_config_path", "check_weights_fit", "create_control_model", "create_model", "get_state_dict",
+    "key_mismatch", "load_config", "load_state_dict", "load_weights", "model_state_shapes", "read_control_stage_config",
 ]
 
 
@@ -52,18 +52,34 @@ def load_config(config_path: PathLike) -> DictConfig:
     return config
 
 
-def create_model(config_path: PathLike, **params: Any) -> torch.nn.Module:
-    """Instantiate `config.model` of a yaml file (target/params) on the CPU; `params` replace or add entries of its
-    `params:` (the training job passes its learning rate, `sd_locked`, `only_mid_control` and optimizer factory)."""
-    config = load_config(config_path)
+def _instantiate(config_path: PathLike, section: Mapping[str, Any], **params: Any) -> torch.nn.Module:
+    """Instantiate the target/params `section` of the config file `config_path`, with its errors as sentences."""
     try:
-        model = instantiate_from_config(config.model, **params)
+        return instantiate_from_config(section, **params)
     except ImportError as error:
         raise ValueError(f"config file '{config_path}' names a class that cannot be imported: {error}") from error
     except KeyError as error:
         raise ValueError(f"config file '{config_path}' is incomplete: {error.args[0]}") from error
+
+
+def create_model(config_path: PathLike, **params: Any) -> torch.nn.Module:
+    """Instantiate `config.model` of a yaml file (target/params) on the CPU; `params` replace or add entries of its
+    `params:` (the training job passes its learning rate, `sd_locked`, `only_mid_control` and optimizer factory)."""
+    model = _instantiate(config_path, load_config(config_path).model, **params)
     logger.info("Loaded model config from [%s]", config_path)
     return model.cpu()
+
+
+def model_state_shapes(config_path: PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of `config.model` on the meta device: every key, shape and dtype, and no weights in memory."""
+    with torch.device("meta"):
+        model = _instantiate(config_path, load_config(config_path).model)
+    return model.state_dict()
+
+
+def create_control_model(config_path: PathLike) -> torch.nn.Module:
+    """Instantiate only the ControlNet (`model.params.control_stage_config`) of a ControlLDM yaml file on the CPU."""
+    return _instantiate(config_path, read_control_stage_config(config_path)).cpu()
 
 
 def load_state_dict(ckpt_path: PathLike, location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -293,3 +293,32 @@ def test_sd21_tool_on_a_linear_projection_tiny_config(tmp_path, out_dir, capsys)
     code, err = _invoke(tool_add_control_sd21.main, [source, output, "--config", sd2_config], capsys)
     assert code == 0, err
     _check_control_checkpoint(output, base, sd2_config)
+
+
+@needs_tiny_config
+def test_half_precision_input_gives_the_models_dtypes_in_separate_storages(tiny_sd, tmp_path, out_dir, capsys) -> None:
+    half = {key: value.half() if value.is_floating_point() else value for key, value in tiny_sd.items()}
+    source = _saved(tmp_path, half, "v1-5-fp16.safetensors")
+    output = out_dir / "control_fp16.ckpt"
+    assert _invoke(tool_add_control.main, [source, output, "--config", TINY_CONFIG], capsys)[0] == 0
+    saved = torch.load(output, weights_only=True)  # no mmap: shared storages would show as equal data pointers
+    fresh = create_model(TINY_CONFIG).state_dict()
+    assert {key: value.dtype for key, value in saved.items()} == {key: value.dtype for key, value in fresh.items()}
+    for key, tensor in saved.items():
+        if control_source_key(key) in half:
+            assert torch.equal(tensor, half[control_source_key(key)].to(tensor.dtype)), key
+    pointers = [tensor.untyped_storage().data_ptr() for tensor in saved.values() if tensor.numel()]
+    assert len(set(pointers)) == len(pointers)
+
+
+@needs_tiny_config
+def test_keys_the_input_lacks_outside_the_controlnet_are_newly_added(tiny_sd, tmp_path, out_dir, capsys,
+                                                                     caplog) -> None:
+    key = "first_stage_model.quant_conv.weight"
+    source = _saved(tmp_path, {k: v for k, v in tiny_sd.items() if k != key}, "no_quant_conv.safetensors")
+    output = out_dir / "control.safetensors"
+    with caplog.at_level(logging.INFO):
+        assert _invoke(tool_add_control.main, [source, output, "--config", TINY_CONFIG], capsys)[0] == 0
+    saved = read_state_dict(output)
+    assert sorted(saved) == sorted(create_model(TINY_CONFIG).state_dict())
+    assert "first_stage_model.quant_conv (1)" in "\n".join(caplog.messages)

@@ -2,21 +2,26 @@
 encoder (what tool_add_control.py and tool_add_control_sd21.py run).
 
 The hint encoder, zero convolutions and middle-block output are newly initialised (zero convolutions are zero).
+
+Memory: the model is built on the meta device (keys and shapes only), the input is memory-mapped, the copied tensors
+are the input's own (the ControlNet's copies are clones) and only the ControlNet is built for the new weights, so
+the peak is about the output's size rather than input + model + output.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, detect_base_model
+from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, CONTROL_PREFIX, detect_base_model
 from cldm.checkpoints.paths import check_output_path, checkpoint_format
 from cldm.checkpoints.saving import save_state_dict
 from cldm.checkpoints.surgery import add_control, control_source_key
-from cldm.model import check_config_path, create_model, load_weights
+from cldm.model import check_config_path, check_weights_fit, create_control_model, create_model, model_state_shapes
 from ldm.checkpoint import PathLike, check_input_path, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -40,13 +45,38 @@ def _check_base_model(kind: str, base: str, input_path: PathLike) -> None:
     raise ValueError(f"{looks_like}; expected {BASE_MODEL_DESCRIPTIONS[base]} with model.diffusion_model.* keys")
 
 
-def _build_model(config: PathLike, seed: int | None) -> torch.nn.Module:
-    """The freshly initialised ControlLDM; with a seed, without touching the caller's RNG state."""
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's CPU generator inside the block without touching the caller's RNG state; None: no seeding."""
     if seed is None:
-        return create_model(config)
+        yield
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create_model(config)
+        yield
+
+
+def _fresh_tensors(config: PathLike, keys: Sequence[str], seed: int | None) -> dict[str, torch.Tensor]:
+    """Freshly initialised values of the model's `keys`: from the ControlNet alone when they all belong to it (the
+    case of every full SD checkpoint), else from the whole model."""
+    if not keys:
+        return {}
+    control_only = all(key.startswith(CONTROL_PREFIX) for key in keys)
+    with _seeded(seed):
+        module = create_control_model(config) if control_only else create_model(config)
+    state = module.state_dict()
+    prefix = CONTROL_PREFIX if control_only else ""
+    return {key: state[key.removeprefix(prefix)] for key in keys}
+
+
+def _as_saved(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` as loading it into the model and saving the model's state dict gave: in the model's dtype, holding
+    its own storage (a view of a larger storage would make torch.save write all of it)."""
+    if tensor.dtype != like.dtype:
+        return tensor.to(like.dtype)
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def _group_by_module(keys: Sequence[str]) -> str:
@@ -71,18 +101,20 @@ def make_initial_checkpoint(input_path: PathLike, output_path: PathLike, config:
     base_state_dict = read_state_dict(input_path)
     _check_base_model(detect_base_model(base_state_dict), base, input_path)
 
-    # 3. build the model, map the weights, load them strictly, save
-    model = _build_model(config, seed)
-    merged, newly_added = add_control(model.state_dict(), base_state_dict)
-    load_weights(model, merged, source=input_path, config=config)
+    # 3. learn the model's keys and shapes (meta device), map the weights, check them, save
+    model_shapes = model_state_shapes(config)
+    merged, newly_added = add_control(model_shapes, base_state_dict)
+    merged.update(_fresh_tensors(config, newly_added, seed))
+    check_weights_fit(model_shapes, merged, source=input_path, config=config)
+    merged = {key: _as_saved(tensor, model_shapes[key]) for key, tensor in merged.items()}
     used_keys = {control_source_key(key) for key in merged}
     ignored = sum(1 for key in base_state_dict if key not in used_keys)
-    del merged, base_state_dict
-    save_state_dict(model.state_dict(), output_path)
+    del base_state_dict
+    save_state_dict(merged, output_path)
 
     logger.info(
         "Copied %d tensors from %s, newly added %d: %s; ignored %d input keys the model does not use.",
-        len(model.state_dict()) - len(newly_added), input_path, len(newly_added),
+        len(merged) - len(newly_added), input_path, len(newly_added),
         _group_by_module(newly_added) or "none", ignored,
     )
     logger.info("Done in %.1f s.", time.perf_counter() - start)
