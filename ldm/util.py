@@ -204,9 +204,9 @@ def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
     """Build `config['target'](**config.get('params', {}))`, as the original yaml files expect; `overrides` replace
     or add constructor arguments (Python objects too, which a yaml file cannot hold). The target and the params are
     checked first (`check_config` rules, this level only): a config cannot name any other function or class."""
-    if "target" not in config:
-        if config in _NONE_TARGETS:
-            return None
+    if config in _NONE_TARGETS:
+        return None
+    if not isinstance(config, Mapping) or "target" not in config:
         raise KeyError(f"config has no 'target' key (keys: {sorted(config) if hasattr(config, 'keys') else config})")
     check_target_name(config["target"], "target")
     cls = _target_class(config["target"], "target", None)

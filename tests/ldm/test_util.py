@@ -29,6 +29,7 @@ def test_instantiate_from_config_builds_target_with_params():
     ({"target": "ldm.util.NoSuchClass"}, "module 'ldm.util' has no attribute 'NoSuchClass'; fix the target"),
     ({"target": "ldm.util.os.system"}, "cannot import module 'ldm.util.os'"),
     ({"params": {}}, "no 'target' key"),
+    ("os.system target", "no 'target' key"),
 ])
 def test_instantiate_from_config_errors_name_the_problem(config, message):
     with pytest.raises((ValueError, KeyError), match=message):
