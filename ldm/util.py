@@ -5,6 +5,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import os
 import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -84,6 +85,10 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
 ALLOWED_TARGET_PACKAGES = ("ldm", "cldm")
 ALLOWED_TORCH_TARGETS = ("torch.nn.Identity",)
 
+# Model classes of your own (a ControlLDM subclass in my_models.py, say): list their top-level modules in this
+# environment variable, comma-separated, and configs may name their classes too. Only modules you wrote or trust.
+TRUSTED_MODULES_VARIABLE = "CONTROLNET_TRUSTED_MODULES"
+
 # A class whose `__init__` hands its `**kwargs` to another constructor than its parent's (UNetModel and ControlNet
 # build a `UNetConfig` from them) names that constructor in this class attribute, so its parameters are checked.
 KWARGS_CLASS_ATTRIBUTE = "kwargs_class"
@@ -102,8 +107,14 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def allowed_target_packages() -> tuple[str, ...]:
+    """`ALLOWED_TARGET_PACKAGES` and the modules listed in the `CONTROLNET_TRUSTED_MODULES` environment variable."""
+    listed = os.environ.get(TRUSTED_MODULES_VARIABLE, "").split(",")
+    return ALLOWED_TARGET_PACKAGES + tuple(name.strip() for name in listed if name.strip())
+
+
 def _is_project_module(module: str) -> bool:
-    return module.split(".")[0] in ALLOWED_TARGET_PACKAGES
+    return module.split(".")[0] in allowed_target_packages()
 
 
 def _allowed_target_text() -> str:
@@ -115,12 +126,13 @@ def check_target_name(target: Any, key: str, source: str | None = None) -> None:
     string only (nothing is imported)."""
     allowed = isinstance(target, str) and (
         target in ALLOWED_TORCH_TARGETS
-        or (_is_project_module(target) and "." in target and all(part.isidentifier() for part in target.split(".")))
+        or ("." in target and all(part.isidentifier() for part in target.split(".")) and _is_project_module(target))
     )
     if not allowed:
         raise ConfigError(
             f"{_where(source, key)} names '{target}', which a config may not use: a target must be "
-            f"{_allowed_target_text()}; use a config from ./models/ or fix the target"
+            f"{_allowed_target_text()}; use a config from ./models/ or fix the target (for a model class of your "
+            f"own, list its module in {TRUSTED_MODULES_VARIABLE})"
         )
 
 

@@ -9,7 +9,8 @@ import torch
 from ldm.modules.diffusionmodules.model import Upsample
 from ldm.modules.diffusionmodules.openaimodel import UNetConfig
 from ldm.util import (
-    ConfigError, accepted_params, check_config, default, instantiate_from_config, log_txt_as_img, to_device,
+    TRUSTED_MODULES_VARIABLE, ConfigError, accepted_params, check_config, check_target_name, default,
+    instantiate_from_config, log_txt_as_img, to_device,
 )
 
 
@@ -61,6 +62,18 @@ def test_instantiate_from_config_names_an_unknown_param_and_the_closest_ones():
     with pytest.raises(ConfigError, match="params.bias is not a parameter of torch.nn.modules.linear.Identity; "
                                           "valid names: none"):
         instantiate_from_config({**VAE_LOSS, "params": {"bias": True}})
+
+
+def test_modules_listed_in_the_trusted_variable_may_be_named(monkeypatch):
+    target = "my_models.MyControlLDM"
+    monkeypatch.delenv(TRUSTED_MODULES_VARIABLE, raising=False)
+    with pytest.raises(ConfigError, match=f"for a model class of your own, list its module in "
+                                          f"{TRUSTED_MODULES_VARIABLE}"):
+        check_target_name(target, "model.target", "x.yaml")
+    monkeypatch.setenv(TRUSTED_MODULES_VARIABLE, "other, my_models")
+    check_target_name(target, "model.target", "x.yaml")
+    with pytest.raises(ConfigError, match="which a config may not use"):
+        check_target_name("os.system", "model.target", "x.yaml")
 
 
 def test_accepted_params_follow_kwargs_to_the_parent_and_to_the_named_class():
