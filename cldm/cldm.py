@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
@@ -92,6 +92,8 @@ class ControlNet(nn.Module):
     Takes `hint_channels` (channels of the hint image, whose spatial size must be 8x the latent's) and the fields of
     `UNetConfig`, the configuration it shares with UNetModel, as keyword arguments (a yaml's `params:`).
     """
+
+    kwargs_class: ClassVar[type] = UNetConfig  # `**params` build it (ldm.util.accepted_params checks configs)
 
     def __init__(self, hint_channels: int, **params: Any) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cldm.checkpoints.kinds import describe_key_mismatch
 from ldm.checkpoint import PathLike, get_state_dict, read_state_dict
-from ldm.util import instantiate_from_config
+from ldm.util import check_config, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def _yaml_problem(error: Exception) -> str:
 
 
 def load_config(config_path: PathLike) -> DictConfig:
-    """The yaml file as an OmegaConf mapping that has a `model` section."""
+    """The yaml file as an OmegaConf mapping that has a `model` section, checked as data: every `target` anywhere in
+    it names a class of this project (or an allowed torch class) and every `params` key is one its class takes
+    (`ldm.util.check_config`), before anything the file names is imported."""
     check_config_path(config_path)
     path = Path(config_path)
     try:
@@ -49,6 +51,12 @@ def load_config(config_path: PathLike) -> DictConfig:
         raise ValueError(f"config file '{config_path}' is not valid YAML ({_yaml_problem(error)})") from error
     if not isinstance(config, DictConfig) or "model" not in config:
         raise ValueError(f"config file '{config_path}' has no top-level 'model' section")
+    try:
+        tree = OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"config file '{config_path}' has a reference that cannot be resolved ({_yaml_problem(error)})"
+                         ) from error
+    check_config(tree, source=str(config_path))
     return config
 
 

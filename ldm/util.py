@@ -1,10 +1,13 @@
-"""Small helpers shared by the whole code base: config instantiation, defaults, caption images."""
+"""Small helpers shared by the whole code base: config checks and instantiation, defaults, caption images."""
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
+import os
 import textwrap
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -48,32 +51,180 @@ def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
     return total
 
 
-def get_obj_from_str(string: str, reload: bool = False) -> Any:
-    """Import `package.module.Name` and return `Name`; errors name the missing piece."""
+def _import_object(string: str, reload: bool = False) -> Any:
+    """Import `package.module.Name` and return `Name`; ImportError naming the missing piece."""
     module_name, _, obj_name = string.rpartition(".")
     if not module_name:
-        raise ImportError(f"target '{string}' is not a dotted path such as 'package.module.Class'")
+        raise ImportError("it is not a dotted path such as 'package.module.Class'")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        raise ImportError(f"target '{string}': cannot import module '{module_name}' ({error})") from error
+        raise ImportError(f"cannot import module '{module_name}' ({error})") from error
     if reload:
         module = importlib.reload(module)
     try:
         return getattr(module, obj_name)
     except AttributeError as error:
-        raise ImportError(f"target '{string}': module '{module_name}' has no attribute '{obj_name}'") from error
+        raise ImportError(f"module '{module_name}' has no attribute '{obj_name}'") from error
+
+
+def get_obj_from_str(string: str, reload: bool = False) -> Any:
+    """Import `package.module.Name` and return `Name`; errors name the missing piece. Imports anything: configs go
+    through `instantiate_from_config`, which checks the name first."""
+    try:
+        return _import_object(string, reload)
+    except ImportError as error:
+        raise ImportError(f"target '{string}': {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs are data: which classes a `target` may name, and which `params` each class takes
+# ---------------------------------------------------------------------------------------------
+
+# A config's `target` may name a class of these packages, or one of the few torch classes the configs use.
+ALLOWED_TARGET_PACKAGES = ("ldm", "cldm")
+ALLOWED_TORCH_TARGETS = ("torch.nn.Identity",)
+
+# Model classes of your own (a ControlLDM subclass in my_models.py, say): list their top-level modules in this
+# environment variable, comma-separated, and configs may name their classes too. Only modules you wrote or trust.
+TRUSTED_MODULES_VARIABLE = "CONTROLNET_TRUSTED_MODULES"
+
+# A class whose `__init__` hands its `**kwargs` to another constructor than its parent's (UNetModel and ControlNet
+# build a `UNetConfig` from them) names that constructor in this class attribute, so its parameters are checked.
+KWARGS_CLASS_ATTRIBUTE = "kwargs_class"
+
+
+class ConfigError(ValueError):
+    """A config names a class this project does not build, or a parameter that class does not take."""
+
+
+def _where(source: str | None, key: str) -> str:
+    """`config file 'X': key` (or `config key` when the config did not come from a file)."""
+    return f"config file '{source}': {key}" if source else f"config key {key}"
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def allowed_target_packages() -> tuple[str, ...]:
+    """`ALLOWED_TARGET_PACKAGES` and the modules listed in the `CONTROLNET_TRUSTED_MODULES` environment variable."""
+    listed = os.environ.get(TRUSTED_MODULES_VARIABLE, "").split(",")
+    return ALLOWED_TARGET_PACKAGES + tuple(name.strip() for name in listed if name.strip())
+
+
+def _is_project_module(module: str) -> bool:
+    return module.split(".")[0] in allowed_target_packages()
+
+
+def _allowed_target_text() -> str:
+    return f"a class of this project (ldm.* or cldm.*) or {' or '.join(ALLOWED_TORCH_TARGETS)}"
+
+
+def check_target_name(target: Any, key: str, source: str | None = None) -> None:
+    """Raise ConfigError unless `target` is a dotted name under `ldm.`/`cldm.` or an allowed torch class; reads the
+    string only (nothing is imported)."""
+    allowed = isinstance(target, str) and (
+        target in ALLOWED_TORCH_TARGETS
+        or ("." in target and all(part.isidentifier() for part in target.split(".")) and _is_project_module(target))
+    )
+    if not allowed:
+        raise ConfigError(
+            f"{_where(source, key)} names '{target}', which a config may not use: a target must be "
+            f"{_allowed_target_text()}; use a config from ./models/ or fix the target (for a model class of your "
+            f"own, list its module in {TRUSTED_MODULES_VARIABLE})"
+        )
+
+
+def _target_class(target: str, key: str, source: str | None) -> type:
+    """Import the class an allowed `target` names; ConfigError if it cannot be imported or is no such class."""
+    try:
+        obj = _import_object(target)
+    except ImportError as error:
+        raise ConfigError(f"{_where(source, key)} '{target}' cannot be imported: {error}; fix the target") from error
+    is_project_class = isinstance(obj, type) and _is_project_module(obj.__module__)
+    is_torch_class = any(obj is _import_object(name) for name in ALLOWED_TORCH_TARGETS)
+    if not (is_project_class or is_torch_class):
+        raise ConfigError(
+            f"{_where(source, key)} '{target}' is not a class of this project; a target must be "
+            f"{_allowed_target_text()}"
+        )
+    return obj
+
+
+def accepted_params(cls: type) -> set[str]:
+    """Keyword parameters `cls(...)` accepts: those of its `__init__`, and while a constructor takes `**kwargs`,
+    those of the constructor it hands them to (the parent class's, or the class named by `kwargs_class`)."""
+    names: set[str] = set()
+    inits = [klass for klass in cls.__mro__ if "__init__" in vars(klass)]
+    for depth, klass in enumerate(inits):
+        if depth and not _is_project_module(klass.__module__):
+            break  # a library base class takes no config parameters
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in list(parameters)[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+        receiver = vars(klass).get(KWARGS_CLASS_ATTRIBUTE)
+        if receiver is not None:
+            names |= {p.name for p in inspect.signature(receiver).parameters.values() if p.kind is not p.VAR_KEYWORD}
+            break
+    return names
+
+
+def _check_params(cls: type, params: Any, key: str, source: str | None) -> None:
+    """Raise ConfigError naming the first key of `params` that `cls` does not take, and the closest valid names."""
+    if params is None:
+        return
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{_where(source, key)} must be a mapping of parameter names to values, not {params!r}")
+    valid = accepted_params(cls)
+    for name in params:
+        if name not in valid:
+            close = difflib.get_close_matches(str(name), sorted(valid), n=3)
+            hint = (f"did you mean {' or '.join(close)}?" if close
+                    else f"valid names: {', '.join(sorted(valid)) or 'none'}")
+            raise ConfigError(
+                f"{_where(source, _join(key, name))} is not a parameter of {cls.__module__}.{cls.__qualname__}; {hint}"
+            )
+
+
+def _target_nodes(config: Any, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(key path, mapping) for every mapping with a `target` key anywhere in `config`, outermost first."""
+    if isinstance(config, Mapping):
+        if "target" in config:
+            yield path, config
+        for key, value in config.items():
+            yield from _target_nodes(value, _join(path, key))
+    elif isinstance(config, Sequence) and not isinstance(config, (str, bytes)):
+        for index, value in enumerate(config):
+            yield from _target_nodes(value, f"{path}[{index}]")
+
+
+def check_config(config: Any, source: str | None = None, path: str = "") -> None:
+    """Raise ConfigError unless every `target` anywhere in `config` is allowed (checked for all of them before
+    anything is imported) and every `params` key is a parameter of its target's class. `source` (the file) and
+    `path` (the key of `config` in it) make the messages name the place."""
+    nodes = list(_target_nodes(config, path))
+    for key, node in nodes:
+        check_target_name(node["target"], _join(key, "target"), source)
+    for key, node in nodes:
+        cls = _target_class(node["target"], _join(key, "target"), source)
+        _check_params(cls, node.get("params"), _join(key, "params"), source)
 
 
 def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
     """Build `config['target'](**config.get('params', {}))`, as the original yaml files expect; `overrides` replace
-    or add constructor arguments (Python objects too, which a yaml file cannot hold)."""
-    if "target" not in config:
-        if config in _NONE_TARGETS:
-            return None
+    or add constructor arguments (Python objects too, which a yaml file cannot hold). The target and the params are
+    checked first (`check_config` rules, this level only): a config cannot name any other function or class."""
+    if config in _NONE_TARGETS:
+        return None
+    if not isinstance(config, Mapping) or "target" not in config:
         raise KeyError(f"config has no 'target' key (keys: {sorted(config) if hasattr(config, 'keys') else config})")
+    check_target_name(config["target"], "target")
+    cls = _target_class(config["target"], "target", None)
     params = config.get("params", None) or {}
-    return get_obj_from_str(config["target"])(**{**params, **overrides})
+    _check_params(cls, params, "params", None)
+    return cls(**{**params, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------

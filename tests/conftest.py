@@ -21,9 +21,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.helpers.paths import FIXTURES, HELPERS, TINY_CONFIG  # noqa: E402
 
-# The test-only modules (tiny_training, the faulty and seeded ControlLDMs that test configs name as targets).
+# The test-only modules (tiny_training, the faulty and seeded ControlLDMs that test configs name as targets,
+# trusted as a user trusts their own model classes; training subprocesses inherit the variable).
 if str(HELPERS) not in sys.path:
     sys.path.insert(0, str(HELPERS))
+os.environ.setdefault("CONTROLNET_TRUSTED_MODULES", "faulty_controlldm,seeded_controlldm")
 
 
 @pytest.fixture

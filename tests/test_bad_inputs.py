@@ -934,6 +934,80 @@ def _(inputs, tmp, monkeypatch):
                 f"{moments} is missing, truncated or damaged")
 
 
+# Configs (--config of every script) ------------------------------------------------------------
+
+def _config(tmp: Path, key: str, value: object) -> Path:
+    """The tiny config with `key` (a dotted path) set to `value`: a config file someone shared."""
+    config = OmegaConf.load(TINY_CONFIG)
+    OmegaConf.update(config, key, value, merge=False)
+    path = tmp / "shared.yaml"
+    OmegaConf.save(config, path)
+    return path
+
+
+def _never_created(path: Path) -> Callable[[], None]:
+    def check() -> None:
+        assert not path.exists(), "the config ran a command"
+    return check
+
+
+@row("config-target-runs-a-command")
+def _(inputs, tmp, monkeypatch):
+    marker = tmp / "ran"
+    config = _config(tmp, "model", {"target": "subprocess.call", "params": {"args": ["touch", str(marker)]}})
+    return Case(tutorial_train.main, _train(inputs, tmp, "--config", config),
+                f"config file '{config}': model.target names 'subprocess.call', which a config may not use: a target "
+                "must be a class of this project (ldm.* or cldm.*) or torch.nn.Identity; use a config from ./models/ "
+                "or fix the target", check=_never_created(marker))
+
+
+@row("config-nested-target-runs-a-command")
+def _(inputs, tmp, monkeypatch):
+    marker = tmp / "ran"
+    config = _config(tmp, "model.params.control_stage_config",
+                     {"target": "os.system", "params": {"command": f"touch '{marker}'"}})
+    return Case(tool_extract_control.main, [inputs.initial, tmp / "control.safetensors", "--config", config],
+                f"config file '{config}': model.params.control_stage_config.target names 'os.system', which a "
+                "config may not use", check=_never_created(marker))
+
+
+@row("config-target-outside-the-project")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "photos"
+    folder.mkdir()
+    (folder / "holiday.png").write_bytes(b"the user's photo")
+    config = _config(tmp, "model", {"target": "shutil.rmtree", "params": {"path": str(folder)}})
+
+    def check() -> None:
+        assert (folder / "holiday.png").read_bytes() == b"the user's photo"
+    return Case(tool_make_random_sd.main, [tmp / "random.ckpt", "--config", config],
+                f"config file '{config}': model.target names 'shutil.rmtree', which a config may not use", check=check)
+
+
+@row("config-target-not-a-class")
+def _(inputs, tmp, monkeypatch):
+    config = _config(tmp, "model.target", "cldm.model.create_model")
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt", "--config", config),
+                f"config file '{config}': model.target 'cldm.model.create_model' is not a class of this project; a "
+                "target must be a class of this project (ldm.* or cldm.*) or torch.nn.Identity")
+
+
+@row("config-target-misspelt-class")
+def _(inputs, tmp, monkeypatch):
+    config = _config(tmp, "model.target", "cldm.cldm.ControlLDN")
+    return Case(tool_sample.main, _sample(inputs, tmp, "--config", config),
+                f"config file '{config}': model.target 'cldm.cldm.ControlLDN' cannot be imported: module 'cldm.cldm' "
+                "has no attribute 'ControlLDN'; fix the target")
+
+
+@row("config-misspelt-param")
+def _(inputs, tmp, monkeypatch):
+    config = _config(tmp, "model.params.control_stage_config.params.model_chanels", 32)
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt", "--config", config),
+                f"config file '{config}': model.params.control_stage_config.params.model_chanels is not a parameter "
+                "of cldm.cldm.ControlNet; did you mean model_channels or num_head_channels or in_channels?")
+
+
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
     files = {}

@@ -6,15 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from cldm.model import create_model, get_state_dict, load_state_dict, load_weights
+from cldm.model import create_model, get_state_dict, load_config, load_state_dict, load_weights, read_control_stage_config
+from ldm.modules.diffusionmodules.model import Upsample
+from tests.helpers.paths import REPO_ROOT
 
-LINEAR_CONFIG = """
+UPSAMPLE_CONFIG = """
 model:
-  target: torch.nn.Linear
+  target: ldm.modules.diffusionmodules.model.Upsample
   params:
-    in_features: 3
-    out_features: 2
+    in_channels: 3
+    with_conv: true
 """
 
 
@@ -25,10 +28,10 @@ def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
 
 
 def test_create_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = _write(tmp_path, LINEAR_CONFIG)
+    config = _write(tmp_path, UPSAMPLE_CONFIG)
     with caplog.at_level(logging.INFO, logger="cldm.model"):
         model = create_model(config)
-    assert isinstance(model, torch.nn.Linear) and model.weight.shape == (2, 3)
+    assert isinstance(model, Upsample) and model.conv.weight.shape == (3, 3, 3, 3)
     assert f"Loaded model config from [{config}]" in caplog.messages
 
 
@@ -40,9 +43,12 @@ def test_create_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         ("- a\n- b\n", ValueError, "has no top-level 'model' section"),
         ("model:\n  params: {}\n", ValueError, "is incomplete"),
         ("model:\n  target: cldm.no_such_module.ControlLDM\n", ValueError, "cldm.no_such_module.ControlLDM"),
-        ("model:\n  target: torch.nn.NoSuchLayer\n", ValueError, "torch.nn.NoSuchLayer"),
+        ("model:\n  target: ldm.util.NoSuchLayer\n", ValueError, "ldm.util.NoSuchLayer"),
+        ("model:\n  target: torch.nn.Linear\n", ValueError, "model.target names 'torch.nn.Linear', which a config"),
+        ("model:\n  target: cldm.cldm.ControlLDM\n  params:\n    first_stage_config: ${nowhere}\n", ValueError,
+         "has a reference that cannot be resolved"),
     ],
-    ids=["bad-yaml", "no-model", "list", "no-target", "bad-module", "bad-class"],
+    ids=["bad-yaml", "no-model", "list", "no-target", "bad-module", "bad-class", "torch-class", "bad-reference"],
 )
 def test_create_model_config_errors(tmp_path: Path, text: str, error: type, match: str) -> None:
     config = _write(tmp_path, text)
@@ -50,6 +56,38 @@ def test_create_model_config_errors(tmp_path: Path, text: str, error: type, matc
         create_model(config)
     assert str(config) in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "models").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_config_of_the_project_passes_the_config_check(config: Path) -> None:
+    assert load_config(config).model.target == "cldm.cldm.ControlLDM"
+
+
+def _tiny_with(tmp_path: Path, key: str, value: object) -> Path:
+    """The tiny config with `key` (a dotted path) set to `value`, written to a file."""
+    config = OmegaConf.load(REPO_ROOT / "models" / "cldm_tiny.yaml")
+    OmegaConf.update(config, key, value, merge=False)
+    path = tmp_path / "config.yaml"
+    OmegaConf.save(config, path)
+    return path
+
+
+def test_a_command_in_a_nested_target_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    config = _tiny_with(tmp_path, "model.params.control_stage_config",
+                        {"target": "os.system", "params": {"command": f"touch {marker}"}})
+    for load in (create_model, read_control_stage_config):
+        with pytest.raises(ValueError, match=rf"^config file '{config}': model.params.control_stage_config.target "
+                                             r"names 'os.system', which a config may not use"):
+            load(config)
+    assert not marker.exists()
+
+
+def test_a_misspelt_param_is_named_with_the_closest_valid_names(tmp_path: Path) -> None:
+    config = _tiny_with(tmp_path, "model.params.linear_strat", 0.00085)
+    with pytest.raises(ValueError, match=rf"^config file '{config}': model.params.linear_strat is not a parameter "
+                                         r"of cldm.cldm.ControlLDM; did you mean linear_start or "):
+        create_model(config)
 
 
 def test_create_model_missing_or_binary_config(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -475,6 +475,8 @@ class UNetModel(nn.Module):
         attn_backend: attention implementation of every CrossAttention ("sdpa", "math" or "sliced").
         The remaining arguments are those of the original constructor, with the same defaults.
     """
+
+    kwargs_class: ClassVar[type] = UNetConfig  # `**params` build it (ldm.util.accepted_params checks configs)
 
     def __init__(self, out_channels: int, num_classes: int | None = None, **params: Any) -> None:
         super().__init__()
