@@ -1057,8 +1057,9 @@ def test_debug_shows_the_traceback(row_id: str, inputs: Inputs, tmp_path: Path, 
 def test_row_train_grayscale_rgba_16bit_images(tmp_path: Path, image: np.ndarray) -> None:
     data = _dataset(tmp_path / "data", 2)
     assert cv2.imwrite(str(data / "source" / "0.png"), image) and cv2.imwrite(str(data / "target" / "0.png"), image)
-    check_dataset(str(data), None)  # the training job's check accepts them
-    item = MyDataset(root=str(data))[0]
+    dataset = MyDataset(root=str(data))
+    check_dataset(dataset, None)  # the training job's check accepts them
+    item = dataset[0]
     assert item["hint"].shape == item["jpg"].shape == (64, 64, 3) and item["hint"].dtype == np.float32
 
 

@@ -24,7 +24,6 @@ from cldm.checkpoints.lightning_io import AtomicCheckpointIO
 from cldm.cli import EXIT_INTERRUPTED
 from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
-from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.data.latent_cache import LatentCache
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_state_dict, load_weights
@@ -97,17 +96,17 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
                                compile=args.compile, recompute_weight_casts=args.recompute_weight_casts)
 
 
-def check_dataset(root: str, resolution: int | None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+def check_dataset(dataset: MyDataset, resolution: int | None) -> None:
     """Fail before training rather than hours into it: every listed image exists, and the first item loads at a
     size the model takes (a corrupt image further on is reported when it is read). The first item is decoded at
-    1/8 of its size, one image at a time, after its headers passed the pixel limit."""
-    probe = MyDataset(root=root, max_image_pixels=max_image_pixels)
-    listed = [os.path.join(root, record[key]) for record in probe.data for key in ("source", "target")]
+    1/8 of its size, one image at a time, after its headers passed the data set's pixel limit."""
+    root = dataset.root
+    listed = [os.path.join(root, record[key]) for record in dataset.data for key in ("source", "target")]
     missing = [path for path in listed if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {root}/prompt.json do not "
                                 f"exist (the first is {missing[0]}); restore them or remove their lines")
-    width, height = probe.check_item(0)
+    width, height = dataset.check_item(0)
     if resolution is None and (height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE):
         raise ValueError(f"the images in {root} are {width}x{height} px but the model needs sides that are "
                          f"multiples of {IMAGE_SIZE_MULTIPLE}; pass --resolution 512 (or another multiple of "
@@ -140,7 +139,7 @@ def build_dataset(args: argparse.Namespace) -> MyDataset:
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
-    check_dataset(args.data_root, args.resolution, args.max_image_pixels)
+    check_dataset(dataset, args.resolution)
     return dataset
 
 
