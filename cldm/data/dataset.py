@@ -97,6 +97,15 @@ def _hint_array(source: np.ndarray) -> np.ndarray:
     return hint
 
 
+def _target_array(target: np.ndarray) -> np.ndarray:
+    """The target in [-1, 1], the range the autoencoder expects; in place, the float32 result equals the
+    original's `x.astype(np.float32) / 127.5 - 1.0`."""
+    jpg = target.astype(np.float32)
+    jpg /= 127.5
+    jpg -= 1.0
+    return jpg
+
+
 class MyDataset(Dataset):
     """Items of ``<root>/prompt.json`` as ``dict(jpg=target in [-1, 1], txt=prompt, hint=source in [0, 1])``.
 
@@ -163,13 +172,12 @@ class MyDataset(Dataset):
         if self.resolution is not None:
             source, target = self._resize(source), self._resize(target)
         prompt = self._prompt(item, idx)
-        # Control hint in [0, 1]; target in [-1, 1], the range the autoencoder expects. In place, the
-        # float32 results equal the original's `x.astype(np.float32) / 255.0` and `/ 127.5 - 1.0`.
-        hint = _hint_array(source)
-        jpg = target.astype(np.float32)
-        jpg /= 127.5
-        jpg -= 1.0
-        return dict(jpg=jpg, txt=prompt, hint=hint)
+        return dict(jpg=_target_array(target), txt=prompt, hint=_hint_array(source))
+
+    def target(self, index: int) -> np.ndarray:
+        """Only the target image of item `index`, as `jpg` of an item (what the latent cache encodes)."""
+        target = self._read_rgb(self.data[index]["target"])
+        return _target_array(self._resize(target) if self.resolution is not None else target)
 
     def _prompt(self, item: dict[str, str], idx: int | Visit) -> str:
         """The item's prompt, or "" when this visit drops it."""

@@ -59,6 +59,19 @@ def distinct_prompts(records: Iterable[Mapping[str, str]]) -> list[str]:
     return list(dict.fromkeys(["", *(record["prompt"] for record in records)]))
 
 
+class _Targets(Dataset):
+    """The target images of a `MyDataset`, without reading its source images."""
+
+    def __init__(self, data_set: MyDataset) -> None:
+        self.data_set = data_set
+
+    def __len__(self) -> int:
+        return len(self.data_set)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.data_set.target(index)
+
+
 @torch.no_grad()
 def write_latent_cache(model: pl.LightningModule, data_set: Dataset, out: PathLike, *, resolution: int | None,
                        dtype: str = "bfloat16", batch_size: int = 32, num_workers: int = 0,
@@ -82,7 +95,7 @@ def write_latent_cache(model: pl.LightningModule, data_set: Dataset, out: PathLi
     rows = {prompt: row for row, prompt in enumerate(prompts)}
     model.first_stage_model.to(device)
     model.cond_stage_model.to(device)  # takes prompts and puts their tokens on its weights' device
-    loader = DataLoader(data_set, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(_Targets(data_set), batch_size=batch_size, num_workers=num_workers)
     with atomic_path(out, folder=True) as folder:
         moments_shape = _write_moments(model, loader, folder / MOMENTS_NAME, len(records), dtype, device)
         embeddings_shape = _write_text_embeddings(model, prompts, folder / EMBEDDINGS_NAME, batch_size, dtype)
@@ -105,7 +118,7 @@ def _write_moments(model: pl.LightningModule, loader: DataLoader, path: Path, co
     stored = None
     start = 0
     for batch in tqdm(loader, desc="VAE encoder", unit="batch"):
-        x = batch["jpg"].permute(0, 3, 1, 2).contiguous().float().to(device)  # (B, 3, H, W) in [-1, 1]
+        x = batch.permute(0, 3, 1, 2).contiguous().float().to(device)  # (B, 3, H, W) in [-1, 1]
         moments = to_stored(model.encode_first_stage(x).parameters, dtype)  # (B, 2C, H/8, W/8)
         if stored is None:
             stored = np.lib.format.open_memmap(path, mode="w+", dtype=moments.dtype, shape=(count, *moments.shape[1:]))

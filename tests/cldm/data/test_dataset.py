@@ -122,6 +122,12 @@ def test_resolution_resizes_both_images(fill50k, resolution):
         np.testing.assert_allclose(item["jpg"].mean(axis=(0, 1)), full["jpg"].mean(axis=(0, 1)), atol=0.02)
 
 
+def test_target_alone_equals_the_items_target(fill50k):
+    for resolution in (None, 64):
+        dataset = MyDataset(root=str(fill50k), resolution=resolution)
+        np.testing.assert_array_equal(dataset.target(1), dataset[1]["jpg"])
+
+
 @pytest.mark.parametrize("resolution", [0, -8, 30])
 def test_resolution_must_be_a_positive_multiple_of_8(fill50k, resolution):
     with pytest.raises(ValueError, match=f"resolution must be a positive multiple of 8, got {resolution}"):

@@ -167,3 +167,16 @@ def test_scale_by_std_measures_the_same_latents_from_the_cache(setup, tmp_path) 
         model.on_train_batch_start(_batch(setup["data"], cache, range(4)), 0)
         scales.append(model.scale_factor)
     assert float(scales[0]) != 0.18215 and torch.equal(scales[0], scales[1])
+
+
+def test_the_writer_reads_only_the_target_images(setup, tmp_path, monkeypatch) -> None:
+    read = []
+    original = MyDataset._read_rgb
+    monkeypatch.setattr(MyDataset, "_read_rgb", lambda self, path, *rest: read.append(path) or original(self, path, *rest))
+    argv = ["--config", str(TINY_CONFIG), "--resume_path", str(setup["initial"]), "--data_root", str(setup["data"]),
+            "--dtype", "float32", "--batch_size", "4", "--device", "cpu", "--out", str(tmp_path / "cache")]
+    assert tool_cache_latents.main(argv) == 0
+    targets = [record["target"] for record in MyDataset(str(setup["data"])).data]
+    assert sorted(read) == sorted(targets)
+    stored = np.load(tmp_path / "cache" / MOMENTS_NAME)
+    np.testing.assert_array_equal(stored, np.load(setup["caches"]["float32"] / MOMENTS_NAME))
