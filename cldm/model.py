@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cldm.checkpoints.kinds import describe_key_mismatch
 from ldm.checkpoint import PathLike, get_state_dict, read_state_dict
-from ldm.util import check_config, instantiate_from_config
+from ldm.util import ConfigError, check_config, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def _instantiate(config_path: PathLike, section: Mapping[str, Any], **params: An
         return instantiate_from_config(section, **params)
     except ImportError as error:
         raise ValueError(f"config file '{config_path}' names a class that cannot be imported: {error}") from error
+    except ConfigError as error:
+        raise ConfigError(f"config file '{config_path}': {error}") from error
     except KeyError as error:
         raise ValueError(f"config file '{config_path}' is incomplete: {error.args[0]}") from error
 

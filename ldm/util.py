@@ -152,23 +152,38 @@ def _target_class(target: str, key: str, source: str | None) -> type:
     return obj
 
 
-def accepted_params(cls: type) -> set[str]:
-    """Keyword parameters `cls(...)` accepts: those of its `__init__`, and while a constructor takes `**kwargs`,
-    those of the constructor it hands them to (the parent class's, or the class named by `kwargs_class`)."""
-    names: set[str] = set()
+def _constructor_parameters(cls: type) -> Iterator[list[inspect.Parameter]]:
+    """The keyword parameters of `cls.__init__` and, while a constructor takes `**kwargs`, of the constructor it
+    hands them to (the parent class's, or the class named by `kwargs_class`), nearest first."""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     inits = [klass for klass in cls.__mro__ if "__init__" in vars(klass)]
     for depth, klass in enumerate(inits):
         if depth and not _is_project_module(klass.__module__):
-            break  # a library base class takes no config parameters
-        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
-        names |= {p.name for p in list(parameters)[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            return  # a library base class takes no config parameters
+        parameters = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]
+        yield [p for p in parameters if p.kind in keyword]
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
+            return
         receiver = vars(klass).get(KWARGS_CLASS_ATTRIBUTE)
         if receiver is not None:
-            names |= {p.name for p in inspect.signature(receiver).parameters.values() if p.kind is not p.VAR_KEYWORD}
-            break
-    return names
+            yield [p for p in inspect.signature(receiver).parameters.values() if p.kind in keyword]
+            return
+
+
+def accepted_params(cls: type) -> set[str]:
+    """Keyword parameters `cls(...)` accepts, through the constructors it hands `**kwargs` to."""
+    return {p.name for parameters in _constructor_parameters(cls) for p in parameters}
+
+
+def required_params(cls: type) -> set[str]:
+    """Parameters `cls(...)` cannot do without: those without a default in a constructor it reaches, unless a
+    nearer constructor takes them itself (and so passes them on or not)."""
+    required: set[str] = set()
+    declared: set[str] = set()
+    for parameters in _constructor_parameters(cls):
+        required |= {p.name for p in parameters if p.default is p.empty} - declared
+        declared |= {p.name for p in parameters}
+    return required
 
 
 def _check_params(cls: type, params: Any, key: str, source: str | None) -> None:
@@ -224,6 +239,10 @@ def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
     cls = _target_class(config["target"], "target", None)
     params = config.get("params", None) or {}
     _check_params(cls, params, "params", None)
+    missing = sorted(required_params(cls) - set(params) - set(overrides))
+    if missing:
+        raise ConfigError(f"{cls.__module__}.{cls.__qualname__} needs {' and '.join(missing)}, which its params do not "
+                          f"set; add {'it' if len(missing) == 1 else 'them'} (the configs in ./models/ show the values)")
     return cls(**{**params, **overrides})
 
 

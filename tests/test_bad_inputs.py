@@ -1008,6 +1008,24 @@ def _(inputs, tmp, monkeypatch):
                 "of cldm.cldm.ControlNet; did you mean model_channels or num_head_channels or in_channels?")
 
 
+@row("config-missing-param")
+def _(inputs, tmp, monkeypatch):
+    config = OmegaConf.load(TINY_CONFIG)
+    del config.model.params.control_stage_config.params["hint_channels"]
+    OmegaConf.save(config, tmp / "shared.yaml")
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt", "--config", tmp / "shared.yaml"),
+                f"config file '{tmp / 'shared.yaml'}': cldm.cldm.ControlNet needs hint_channels, which its params do "
+                "not set; add it (the configs in ./models/ show the values)")
+
+
+@row("config-cond-stage-forward-not-a-method")
+def _(inputs, tmp, monkeypatch):
+    config = _config(tmp, "model.params.cond_stage_forward", "load_state_dict")
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt", "--config", config),
+                "cond_stage_forward 'load_state_dict' is not a method of the text encoder FrozenCLIPEmbedder; use one "
+                "of encode, features, forward, freeze, tokenize, or remove the key")
+
+
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
     files = {}

@@ -10,7 +10,7 @@ from ldm.modules.diffusionmodules.model import Upsample
 from ldm.modules.diffusionmodules.openaimodel import UNetConfig
 from ldm.util import (
     TRUSTED_MODULES_VARIABLE, ConfigError, accepted_params, check_config, check_target_name, default,
-    instantiate_from_config, log_txt_as_img, to_device,
+    instantiate_from_config, log_txt_as_img, required_params, to_device,
 )
 
 
@@ -134,3 +134,21 @@ def test_to_device_keeps_values_and_casts_on_the_host():
     moved = to_device(noise, torch.device("cpu"), torch.bfloat16)
     assert moved.dtype == torch.bfloat16 and torch.equal(moved, noise.to(torch.bfloat16))
     assert to_device(noise, torch.device("cpu")) is noise  # nothing to copy
+
+
+def test_required_params_follow_the_constructors_that_take_the_kwargs() -> None:
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    # UNetModel's own and those of the UNetConfig its kwargs_class builds.
+    assert required_params(UNetModel) == {"out_channels", "in_channels", "model_channels", "num_res_blocks",
+                                          "attention_resolutions"}
+    # LatentDiffusion's own and DDPM's; conditioning_key has a default and LatentDiffusion passes it on.
+    assert required_params(LatentDiffusion) == {"first_stage_config", "cond_stage_config", "unet_config"}
+
+
+def test_instantiate_names_a_missing_required_param_before_calling_the_constructor() -> None:
+    config = {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {"embed_dim": 4}}
+    with pytest.raises(ConfigError, match=r"^ldm.models.autoencoder.AutoencoderKL needs ddconfig and lossconfig, "):
+        instantiate_from_config(config)
+    with pytest.raises(ConfigError, match=r"needs lossconfig,"):
+        instantiate_from_config(config, ddconfig={})

@@ -39,6 +39,27 @@ TEXT_EMBEDDING_KEY = "txt_embedding"
 # ---------------------------------------------------------------------------------------------
 
 
+def _encoder_methods(model: nn.Module) -> list[str]:
+    """The public methods a text encoder's own classes define (torch.nn.Module's are not among them)."""
+    cls = type(model)
+    return sorted(name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))
+                  and (name == "forward" or not hasattr(nn.Module, name)))
+
+
+def _checked_encoder_method(model: nn.Module | None, name: str | None) -> str | None:
+    """`cond_stage_forward`: None, or the name of a method of the text encoder's own classes, which
+    `get_learned_conditioning` calls with the prompts; any other name could call any method of torch.nn.Module."""
+    if name is None:
+        return None
+    if model is None:
+        raise ValueError(f"cond_stage_forward '{name}' needs a cond_stage_config with a text encoder; remove the key")
+    methods = _encoder_methods(model)
+    if name not in methods:
+        raise ValueError(f"cond_stage_forward '{name}' is not a method of the text encoder {type(model).__name__}; "
+                         f"use one of {', '.join(methods)}, or remove the key")
+    return name
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the denoising network as `diffusion_model` and feeds it conditioning by `conditioning_key`."""
 
@@ -454,7 +475,7 @@ class LatentDiffusion(DDPM):
             self.scale_factor = scale_factor
         self.first_stage_model = self.instantiate_first_stage(first_stage_config)
         self.cond_stage_model = self.instantiate_cond_stage(cond_stage_config)
-        self.cond_stage_forward = cond_stage_forward
+        self.cond_stage_forward = _checked_encoder_method(self.cond_stage_model, cond_stage_forward)
         self.clip_denoised = False
         self.bbox_tokenizer = None
         self.restarted_from_ckpt = ckpt_path is not None
