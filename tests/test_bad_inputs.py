@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from cldm.model import create_model
 from cldm.checkpoints.surgery import add_control
 from cldm.sampling import prepare_hint
 from cldm.training.job import check_dataset
+from cldm.training.run_lock import run_lock
 from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
 
@@ -742,6 +744,20 @@ def _(inputs, tmp, monkeypatch):
     return Case(tutorial_train.main, _train(inputs, tmp, "--checkpoint_every_n_steps", "1"),
                 f"No space left on device while writing '{checkpoints}/step-0000001.ckpt'; free some space or "
                 f"choose another folder (nothing was written)", in_training=True, check=_no_checkpoints(checkpoints))
+
+
+@row("train-root-dir-in-use")
+def _(inputs, tmp, monkeypatch):
+    root = tmp / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "step-0000001.ckpt").write_bytes(b"the first run's checkpoint")
+
+    def while_another_run_holds_the_folder(argv: list[str]) -> int:
+        with run_lock(root):
+            return tutorial_train.main(argv)
+    return Case(while_another_run_holds_the_folder, _train(inputs, tmp),
+                f"--default_root_dir {root} is in use by the training run with process {os.getpid()} on host "
+                f"{socket.gethostname()} (started ")
 
 
 # tool_sample.py, tool_extract_control.py, tool_export_diffusers.py -------------------------------

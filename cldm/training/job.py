@@ -46,6 +46,7 @@ from cldm.training.callbacks import (
 )
 from cldm.training.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
+from cldm.training.run_lock import run_lock
 from cldm.training.speed import apply_speed_options
 from ldm.checkpoint import read_checkpoint
 
@@ -226,8 +227,14 @@ def _worker_error_message(error: Exception) -> str | None:
 
 
 def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: str) -> int:
-    """Parse, check, build and fit; prints where the image logs and checkpoints are."""
+    """Parse, check, and train while holding the lock of `--default_root_dir` (one run per folder)."""
     args = check_args(build_parser(defaults, description).parse_args(argv))
+    with run_lock(args.default_root_dir):
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> int:
+    """Build and fit from the checked arguments; prints where the image logs and checkpoints are."""
     # The frozen VAE and text encoder are in eval mode by design; FLOPs are not needed for samples/s.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")
