@@ -760,6 +760,37 @@ def _(inputs, tmp, monkeypatch):
                 f"{socket.gethostname()} (started ")
 
 
+@row("train-root-dir-is-a-file")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "run").write_text("notes")
+    return Case(tutorial_train.main, _train(inputs, tmp), f"--default_root_dir {tmp}/run is a file; choose a folder")
+
+
+@row("train-root-dir-read-only")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "run").mkdir()
+    access = os.access  # root may write anywhere: answer as for a normal user
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp / "run" and access(path, mode))
+    return Case(tutorial_train.main, _train(inputs, tmp),
+                f"--default_root_dir {tmp}/run is not writable (permission denied); choose a folder you can write to")
+
+
+@row("train-data-root-is-a-file")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "fill50k.zip").write_bytes(b"PK")
+    return Case(tutorial_train.main, _train(inputs, tmp, data=tmp / "fill50k.zip"),
+                f"Data set folder {tmp}/fill50k.zip is a file; pass the folder that holds prompt.json, source/ and "
+                f"target/.")
+
+
+@row("train-system-error-in-set-up")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "lightning_logs").write_text("notes")
+    return Case(tutorial_train.main, _train(inputs, tmp),
+                f"File exists: '{tmp}/run/lightning_logs'; move it away or choose another path")
+
+
 # tool_sample.py, tool_extract_control.py, tool_export_diffusers.py -------------------------------
 
 def _sample(inputs: Inputs, tmp: Path, *extra) -> list:
