@@ -1129,10 +1129,24 @@ def test_row_sample_hint_of_any_size() -> None:
     assert hint.shape[0] % 64 == 0 and hint.shape[1] % 64 == 0
 
 
+def test_row_train_second_run_logs(inputs: Inputs, tmp_path: Path) -> None:
+    logs = tmp_path / "run" / "lightning_logs"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX")
+    assert run(tutorial_train.main, [str(arg) for arg in _train(inputs, tmp_path)]) == 0
+    assert sorted(path.name for path in logs.iterdir()) == ["version_0"]  # one folder for all loggers
+    files = sorted(path.name for path in (logs / "version_0").iterdir())
+    assert "metrics.csv" in files and any(name.startswith("events.out.tfevents.") for name in files) == bool(tensorboard)
+    resumed = _train(inputs, tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "last")
+    assert run(tutorial_train.main, [str(arg) for arg in resumed]) == 0
+    assert sorted(path.name for path in logs.iterdir()) == ["version_0", "version_1"]
+    assert (logs / "version_1" / "metrics.csv").is_file()
+
+
 ACCEPTED_ROWS = {
     "train-grayscale-rgba-16bit-images": test_row_train_grayscale_rgba_16bit_images,
     "train-prompt-longer-than-77-tokens": test_row_train_prompt_longer_than_77_tokens,
     "sample-hint-of-any-size": test_row_sample_hint_of_any_size,
+    "train-second-run-logs": test_row_train_second_run_logs,
 }
 
 

@@ -167,10 +167,17 @@ def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool)
 
 
 def build_loggers(root: str) -> list:
-    """CSV logs always, TensorBoard too when it is installed."""
-    loggers = [CSVLogger(save_dir=root, name="lightning_logs")]
+    """CSV logs always, TensorBoard too when it is installed, both in one new `lightning_logs/version_N` folder.
+
+    N is chosen here, one more than the highest version already there, before `fit` starts: every rank of a
+    distributed run builds its loggers before it joins the process group, and rank 0 creates the folder only after
+    all have joined, so all ranks choose the same N (only rank 0 writes logs)."""
+    csv_logger = CSVLogger(save_dir=root, name="lightning_logs")
+    version = csv_logger.version  # the scan of the existing versions, now
+    # The CSV logger first: it creates the folder, and it would warn about a folder that TensorBoard wrote first.
+    loggers = [csv_logger]
     if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
-        loggers.append(TensorBoardLogger(save_dir=root, name="lightning_logs"))
+        loggers.append(TensorBoardLogger(save_dir=root, name="lightning_logs", version=version))
     return loggers
 
 
