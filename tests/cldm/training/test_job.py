@@ -255,6 +255,9 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     ddp = _run_script("tutorial_train_dist.py", common + ["--devices", "2", "--strategy", "ddp", "--batch_size", "1",
                                                           "--default_root_dir", str(tmp_path / "ddp")], env_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # Rank 1 skipped the run lock that rank 0 held (and removed), and wrote no logs of its own.
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoints", "lightning_logs"]
+    assert os.listdir(tmp_path / "ddp" / "lightning_logs") == ["version_0"]
     single = _run_script("tutorial_train.py", common + ["--devices", "1", "--batch_size", "2",
                                                         "--default_root_dir", str(tmp_path / "single")], env_path)
     assert single.returncode == 0, single.stderr[-3000:]
