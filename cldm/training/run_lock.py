@@ -56,7 +56,8 @@ def run_lock(folder: str | os.PathLike, flag: str = "--default_root_dir") -> Ite
     try:
         yield
     finally:
-        # The file goes first, still locked: a run that opened it meanwhile sees that it was replaced (`_acquire`).
+        # The name goes first, while the file is still locked: a run that opened the file meanwhile finds, once it
+        # gets the lock, that the name no longer points to it, and locks a new file (`_acquire`).
         with suppress(OSError):
             os.unlink(path)
         if fd is not None:
