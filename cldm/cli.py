@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -11,6 +12,18 @@ USER_ERRORS = (OSError, ValueError)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+# The fix for a system error on a path, by its errno; others get "check the path".
+SYSTEM_ERROR_FIXES = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "choose a folder you can write to",
+    errno.ENOSPC: "free some space or choose another folder",
+    errno.EDQUOT: "free some space or choose another folder",
+    errno.ENOTDIR: "check the path: a part of it is a file, not a folder",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EEXIST: "move it away or choose another path",
+}
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +37,16 @@ def _exit_code(error: SystemExit) -> int:
         return error.code or 0
     print(error.code, file=sys.stderr)
     return 1
+
+
+def describe_error(error: Exception) -> str:
+    """The one sentence of a user error: its message, or for a system error (which Python words as
+    `[Errno N] <reason>: '<path>'`) the reason, the path and a fix."""
+    if not isinstance(error, OSError) or error.errno is None or not error.strerror:
+        return str(error)
+    paths = " -> ".join(f"'{name}'" for name in (error.filename, error.filename2) if name is not None)
+    where = f": {paths}" if paths else ""
+    return f"{error.strerror}{where}; {SYSTEM_ERROR_FIXES.get(error.errno, 'check the path')}"
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -41,5 +64,5 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe_error(error)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from cldm.model import create_model
 from cldm.checkpoints.surgery import add_control
 from cldm.sampling import prepare_hint
 from cldm.training.job import check_dataset
+from cldm.training.run_lock import run_lock
 from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
 
@@ -744,6 +746,51 @@ def _(inputs, tmp, monkeypatch):
                 f"choose another folder (nothing was written)", in_training=True, check=_no_checkpoints(checkpoints))
 
 
+@row("train-root-dir-in-use")
+def _(inputs, tmp, monkeypatch):
+    root = tmp / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "step-0000001.ckpt").write_bytes(b"the first run's checkpoint")
+
+    def while_another_run_holds_the_folder(argv: list[str]) -> int:
+        with run_lock(root):
+            return tutorial_train.main(argv)
+    return Case(while_another_run_holds_the_folder, _train(inputs, tmp),
+                f"--default_root_dir {root} is in use by the training run with process {os.getpid()} on host "
+                f"{socket.gethostname()} (started ")
+
+
+@row("train-root-dir-is-a-file")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "run").write_text("notes")
+    return Case(tutorial_train.main, _train(inputs, tmp), f"--default_root_dir {tmp}/run is a file; choose a folder")
+
+
+@row("train-root-dir-read-only")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "run").mkdir()
+    access = os.access  # root may write anywhere: answer as for a normal user
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp / "run" and access(path, mode))
+    return Case(tutorial_train.main, _train(inputs, tmp),
+                f"--default_root_dir {tmp}/run is not writable (permission denied); choose a folder you can write to")
+
+
+@row("train-data-root-is-a-file")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "fill50k.zip").write_bytes(b"PK")
+    return Case(tutorial_train.main, _train(inputs, tmp, data=tmp / "fill50k.zip"),
+                f"Data set folder {tmp}/fill50k.zip is a file; pass the folder that holds prompt.json, source/ and "
+                f"target/.")
+
+
+@row("train-system-error-in-set-up")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "lightning_logs").write_text("notes")
+    return Case(tutorial_train.main, _train(inputs, tmp),
+                f"File exists: '{tmp}/run/lightning_logs'; move it away or choose another path")
+
+
 # tool_sample.py, tool_extract_control.py, tool_export_diffusers.py -------------------------------
 
 def _sample(inputs: Inputs, tmp: Path, *extra) -> list:
@@ -1100,10 +1147,24 @@ def test_row_sample_hint_of_any_size() -> None:
     assert hint.shape[0] % 64 == 0 and hint.shape[1] % 64 == 0
 
 
+def test_row_train_second_run_logs(inputs: Inputs, tmp_path: Path) -> None:
+    logs = tmp_path / "run" / "lightning_logs"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX")
+    assert run(tutorial_train.main, [str(arg) for arg in _train(inputs, tmp_path)]) == 0
+    assert sorted(path.name for path in logs.iterdir()) == ["version_0"]  # one folder for all loggers
+    files = sorted(path.name for path in (logs / "version_0").iterdir())
+    assert "metrics.csv" in files and any(name.startswith("events.out.tfevents.") for name in files) == bool(tensorboard)
+    resumed = _train(inputs, tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "last")
+    assert run(tutorial_train.main, [str(arg) for arg in resumed]) == 0
+    assert sorted(path.name for path in logs.iterdir()) == ["version_0", "version_1"]
+    assert (logs / "version_1" / "metrics.csv").is_file()
+
+
 ACCEPTED_ROWS = {
     "train-grayscale-rgba-16bit-images": test_row_train_grayscale_rgba_16bit_images,
     "train-prompt-longer-than-77-tokens": test_row_train_prompt_longer_than_77_tokens,
     "sample-hint-of-any-size": test_row_sample_hint_of_any_size,
+    "train-second-run-logs": test_row_train_second_run_logs,
 }
 
 

@@ -44,3 +44,16 @@ def check_output_path(path: PathLike, overwrite: bool = False, folder: bool = Fa
         raise NotADirectoryError(f"output folder '{parent}' is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"output folder '{parent}' is not writable; choose another folder")
+
+
+def check_run_folder(path: PathLike, flag: str) -> None:
+    """Refuse a folder that a run writes into, and creates when missing, if it is a file or cannot be written: the
+    nearest part of the path that exists decides."""
+    target = Path(path).absolute()
+    existing = next(part for part in (target, *target.parents) if part.exists())
+    subject = f"{flag} {path}" if existing == target else f"{flag} {path} cannot be created: {existing}"
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{subject} is a file; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise PermissionError(f"{subject} is not writable ({reason}); choose a folder you can write to")

@@ -141,6 +141,9 @@ class MyDataset(Dataset):
             raise ValueError(f"prompt_dropout must be a probability between 0 and 1, got {prompt_dropout}.")
         if seed is not None and seed < 0:
             raise ValueError(f"seed must be zero or positive, got {seed}.")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise NotADirectoryError(f"Data set folder {root} is a file; pass the folder that holds prompt.json, "
+                                     f"source/ and target/.")
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"Data set folder {root} does not exist; make it with tool_make_fill50k.py or unzip fill50k.zip there."

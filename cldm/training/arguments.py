@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from cldm.checkpoints.paths import check_run_folder
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
 from cldm.data.latent_cache import default_cache_folder
 from cldm.training.batch_probe import MAX_BATCH
@@ -294,6 +295,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     _check_batch_probe(args)
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config: {args.config} does not exist")
+    check_run_folder(args.default_root_dir, "--default_root_dir")
     args.resume_from_checkpoint = _resolve_resume(args.resume_from_checkpoint, args.default_root_dir)
     if args.resume_from_checkpoint is None and not Path(args.resume_path).is_file():
         raise FileNotFoundError(

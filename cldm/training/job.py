@@ -46,6 +46,7 @@ from cldm.training.callbacks import (
 )
 from cldm.training.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
+from cldm.training.run_lock import run_lock
 from cldm.training.speed import apply_speed_options
 from ldm.checkpoint import read_checkpoint
 
@@ -166,10 +167,17 @@ def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool)
 
 
 def build_loggers(root: str) -> list:
-    """CSV logs always, TensorBoard too when it is installed."""
-    loggers = [CSVLogger(save_dir=root, name="lightning_logs")]
+    """CSV logs always, TensorBoard too when it is installed, both in one new `lightning_logs/version_N` folder.
+
+    N is chosen here, one more than the highest version already there, before `fit` starts: every rank of a
+    distributed run builds its loggers before it joins the process group, and rank 0 creates the folder only after
+    all have joined, so all ranks choose the same N (only rank 0 writes logs)."""
+    csv_logger = CSVLogger(save_dir=root, name="lightning_logs")
+    version = csv_logger.version  # the scan of the existing versions, now
+    # The CSV logger first: it creates the folder, and it would warn about a folder that TensorBoard wrote first.
+    loggers = [csv_logger]
     if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
-        loggers.append(TensorBoardLogger(save_dir=root, name="lightning_logs"))
+        loggers.append(TensorBoardLogger(save_dir=root, name="lightning_logs", version=version))
     return loggers
 
 
@@ -226,8 +234,14 @@ def _worker_error_message(error: Exception) -> str | None:
 
 
 def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: str) -> int:
-    """Parse, check, build and fit; prints where the image logs and checkpoints are."""
+    """Parse, check, and train while holding the lock of `--default_root_dir` (one run per folder)."""
     args = check_args(build_parser(defaults, description).parse_args(argv))
+    with run_lock(args.default_root_dir):
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> int:
+    """Build and fit from the checked arguments; prints where the image logs and checkpoints are."""
     # The frozen VAE and text encoder are in eval mode by design; FLOPs are not needed for samples/s.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")

@@ -26,13 +26,32 @@ def _main_raising(error: BaseException):
         FileExistsError("output 'b.ckpt' already exists"),
         PermissionError("output folder 'out' is not writable"),
         IsADirectoryError("checkpoint 'models' is a folder"),
-        OSError(28, "No space left on device"),
     ],
 )
 def test_user_errors_are_one_line(capsys: pytest.CaptureFixture, error: Exception) -> None:
     assert run(_main_raising(error), []) == 2
     captured = capsys.readouterr()
     assert captured.err == f"error: {error}\n" and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (PermissionError(13, "Permission denied", "/data/run"),
+         "Permission denied: '/data/run'; check its permissions or choose another path"),
+        (OSError(30, "Read-only file system", "/data/run/lightning_logs"),
+         "Read-only file system: '/data/run/lightning_logs'; choose a folder you can write to"),
+        (NotADirectoryError(20, "Not a directory", "/data/notes.txt/run"),
+         "Not a directory: '/data/notes.txt/run'; check the path: a part of it is a file, not a folder"),
+        (OSError(28, "No space left on device"), "No space left on device; free some space or choose another folder"),
+        (OSError(18, "Invalid cross-device link", "/a", None, "/b"),
+         "Invalid cross-device link: '/a' -> '/b'; check the path"),
+    ],
+)
+def test_system_errors_name_the_path_and_a_fix(capsys: pytest.CaptureFixture, error: OSError, message: str) -> None:
+    assert "[Errno" in str(error)  # Python's own wording, which the user does not see
+    assert run(_main_raising(error), []) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_debug_reraises_with_traceback() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cldm.checkpoints.paths import check_output_path
+from cldm.checkpoints.paths import check_output_path, check_run_folder
 from ldm.checkpoint import detect_path_kind
 
 
@@ -65,3 +65,25 @@ def test_check_output_path_for_a_folder(tmp_path: Path) -> None:
     check_output_path(tmp_path, overwrite=True, folder=True)
     with pytest.raises(FileNotFoundError, match="output folder '.*missing' does not exist; create it first"):
         check_output_path(tmp_path / "missing" / "model", folder=True)
+
+
+def test_check_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_run_folder(tmp_path, "--root")
+    check_run_folder(tmp_path / "new" / "run", "--root")  # created by the run
+    (tmp_path / "notes").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"^--root {tmp_path}/notes is a file; choose a folder$"):
+        check_run_folder(tmp_path / "notes", "--root")
+    with pytest.raises(NotADirectoryError, match=f"^--root {tmp_path}/notes/run cannot be created: {tmp_path}/notes "
+                                                 f"is a file; choose a folder$"):
+        check_run_folder(tmp_path / "notes" / "run", "--root")
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as for a normal user
+    with pytest.raises(PermissionError, match=f"^--root {tmp_path} is not writable \\(permission denied\\); choose a "
+                                              f"folder you can write to$"):
+        check_run_folder(tmp_path, "--root")
+    real = os.statvfs(tmp_path)
+    read_only = os.statvfs_result((*real[:8], real.f_flag | os.ST_RDONLY, real.f_namemax))
+    monkeypatch.setattr(os, "statvfs", lambda path: read_only)
+    with pytest.raises(PermissionError, match=f"^--root {tmp_path}/run cannot be created: {tmp_path} is not writable "
+                                              f"\\(read-only file system\\)"):
+        check_run_folder(tmp_path / "run", "--root")

@@ -255,6 +255,9 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     ddp = _run_script("tutorial_train_dist.py", common + ["--devices", "2", "--strategy", "ddp", "--batch_size", "1",
                                                           "--default_root_dir", str(tmp_path / "ddp")], env_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # Rank 1 skipped the run lock that rank 0 held (and removed), and wrote no logs of its own.
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoints", "lightning_logs"]
+    assert os.listdir(tmp_path / "ddp" / "lightning_logs") == ["version_0"]
     single = _run_script("tutorial_train.py", common + ["--devices", "1", "--batch_size", "2",
                                                         "--default_root_dir", str(tmp_path / "single")], env_path)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -301,3 +304,20 @@ def test_asking_for_retained_host_memory_without_glibc_warns_once_and_trains_on(
     assert not [w for w in recwarn if "retain_host_memory" in str(w.message)]
     with pytest.warns(UserWarning, match=r"--retain_host_memory needs glibc's malloc"):
         apply_host_memory_option(parse(["--accelerator", "cpu", "--retain_host_memory"]))
+
+
+def test_all_loggers_share_one_new_version_folder(tmp_path, monkeypatch):
+    import importlib.util
+
+    import lightning_fabric.loggers.tensorboard
+    from cldm.training.job import build_loggers
+
+    for version in (0, 2):
+        (tmp_path / "lightning_logs" / f"version_{version}").mkdir(parents=True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: find_spec("os") if name == "tensorboard"
+                        else find_spec(name, *args))  # TensorBoard installed, as far as the job can tell
+    monkeypatch.setattr(lightning_fabric.loggers.tensorboard, "_TENSORBOARD_AVAILABLE", True)
+    csv_logger, tensorboard_logger = build_loggers(str(tmp_path))
+    os.makedirs(csv_logger.log_dir)  # the CSV logger writes first (before TensorBoard looks for a free version)
+    assert csv_logger.log_dir == tensorboard_logger.log_dir == str(tmp_path / "lightning_logs" / "version_3")
