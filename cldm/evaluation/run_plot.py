@@ -41,6 +41,9 @@ DEFAULT_SMOOTHING = 0.98  # EMA weight per logged point: a time constant of abou
 FIGURE_WIDTH_INCHES = 10.0
 PANEL_HEIGHT_INCHES = 2.5
 DPI = 100
+# A raw loss of more points than this is drawn as its range per run of consecutive points, one run per pixel column:
+# the band a faint line through every point makes, drawn about 20 times faster (a 50,000-step loss).
+RAW_POINTS_LIMIT = 2 * round(FIGURE_WIDTH_INCHES * DPI)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +92,7 @@ def read_version(path: PathLike) -> dict[str, Series]:
             if math.isnan(step):
                 continue
             for name, cell in zip(header, row):
-                value = _number(cell)
-                if name != "step" and not math.isnan(value):
+                if cell and name != "step" and not math.isnan(value := _number(cell)):
                     by_column[name][int(step)] = value
     return {name: Series(np.array(sorted(values), dtype=np.int64),
                          np.array([values[step] for step in sorted(values)], dtype=np.float64))
@@ -186,11 +188,23 @@ def smooth(values: np.ndarray, smoothing: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def value_range(series: Series, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The minimum and maximum of each of `bins` (at most the number of points) runs of consecutive points, as a
+    step function: (steps, lows, highs), each run from its first step to the next run's, the last to the last step."""
+    starts = np.linspace(0, len(series.steps), bins, endpoint=False).astype(int)
+    lows, highs = np.minimum.reduceat(series.values, starts), np.maximum.reduceat(series.values, starts)
+    return np.append(series.steps[starts], series.steps[-1]), np.append(lows, lows[-1]), np.append(highs, highs[-1])
+
+
 def _draw_loss(axes, name: str, loss: Series, smoothing: float) -> None:
-    if smoothing == 0:
-        axes.plot(loss.steps, loss.values, linewidth=1.0, label=name)
+    """The raw loss (faint under its EMA, unless `smoothing` is 0), then its EMA."""
+    raw = {"color": "C0", "alpha": 0.3 if smoothing else 1.0}
+    if len(loss.steps) > RAW_POINTS_LIMIT:
+        steps, lows, highs = value_range(loss, RAW_POINTS_LIMIT // 2)
+        axes.fill_between(steps, lows, highs, step="post", linewidth=0, label=f"{name} (range)", **raw)
     else:
-        axes.plot(loss.steps, loss.values, color="C0", linewidth=0.6, alpha=0.3, label=f"{name} (raw)")
+        axes.plot(loss.steps, loss.values, linewidth=0.6 if smoothing else 1.0, label=name, **raw)
+    if smoothing:
         axes.plot(loss.steps, smooth(loss.values, smoothing), color="C0", linewidth=1.5,
                   label=f"EMA, smoothing {smoothing:g}")
     axes.set(title="Training loss", ylabel="loss")

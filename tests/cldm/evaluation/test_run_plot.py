@@ -6,12 +6,15 @@ import pytest
 from PIL import Image
 
 from cldm.evaluation.run_plot import (
+    RAW_POINTS_LIMIT,
+    Series,
     draw,
     plot_run,
     read_metrics,
     read_version,
     select_curves,
     smooth,
+    value_range,
 )
 from run_logs import picture_size, training_rows, write_log
 
@@ -115,6 +118,19 @@ def test_each_panel_shows_its_curve_against_the_step(tmp_path):
     np.testing.assert_array_equal(f1.get_ydata(), [0.5, 1.5])
     assert figure.axes[-1].get_xlabel() == "step"
 
+
+
+def test_a_long_raw_loss_is_drawn_as_its_range_per_run_of_points(tmp_path):
+    steps, lows, highs = value_range(Series(np.arange(10, 20), np.array([5.0, 1, 2, 3, 9, 4, 0, 6, 7, 8])), 3)
+    # runs of points 0-2, 3-5, 6-9 (steps 10-12, 13-15, 16-19), closed at the last step
+    np.testing.assert_array_equal(steps, [10, 13, 16, 19])
+    np.testing.assert_array_equal(lows, [1, 3, 0, 0])
+    np.testing.assert_array_equal(highs, [5, 9, 8, 8])
+
+    write_log(tmp_path, 0, training_rows(range(RAW_POINTS_LIMIT + 1)))
+    loss_panel = draw(select_curves(read_metrics(tmp_path)), "run").axes[0]
+    (band,), (ema,) = loss_panel.collections, loss_panel.get_lines()
+    assert band.get_label() == "train/loss_step (range)" and len(ema.get_xdata()) == RAW_POINTS_LIMIT + 1
 
 def test_the_picture_is_a_png_of_one_panel_height_per_curve_written_atomically(tmp_path):
     write_log(tmp_path, 0, [*training_rows(range(20)), validation_row(10), validation_row(19)])
