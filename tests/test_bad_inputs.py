@@ -32,6 +32,7 @@ import tool_export_diffusers
 import tool_extract_control
 import tool_make_fill50k
 import tool_make_random_sd
+import tool_plot_run
 import tool_sample
 import tool_transfer_control
 import tutorial_train
@@ -48,6 +49,7 @@ from cldm.training.run_lock import run_lock
 from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
 
+from run_logs import training_rows, write_log
 from tiny_training import TINY_CONFIG, make_data, make_initial_weights
 from tests.helpers.paths import REPO_ROOT
 
@@ -1071,6 +1073,66 @@ def _(inputs, tmp, monkeypatch):
     return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt", "--config", config),
                 "cond_stage_forward 'load_state_dict' is not a method of the text encoder FrozenCLIPEmbedder; use one "
                 "of encode, features, forward, freeze, tokenize, or remove the key")
+
+
+# tool_plot_run.py -------------------------------------------------------------------------------
+
+def _trained_run(tmp: Path) -> Path:
+    """A run folder whose CSV log holds ten training steps."""
+    write_log(tmp / "run", 0, training_rows(range(10)))
+    return tmp / "run"
+
+
+@row("plot-run-folder-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_plot_run.main, [tmp / "run"],
+                "run folder '{tmp}/run' does not exist; pass the folder a training run wrote (its --default_root_dir)")
+
+
+@row("plot-run-folder-without-logs")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_plot_run.main, [inputs.data],
+                f"run folder '{inputs.data}' holds no lightning_logs folder, so no training run wrote it; pass the "
+                "folder a training run wrote (its --default_root_dir)")
+
+
+@row("plot-no-metrics-yet")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "run" / "lightning_logs" / "version_0").mkdir(parents=True)
+    return Case(tool_plot_run.main, [tmp / "run"], "no metrics in '{tmp}/run' yet; train first")
+
+
+@row("plot-output-is-a-folder")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "pictures.png").mkdir()
+    return Case(tool_plot_run.main, [_trained_run(tmp), "--out", tmp / "pictures.png"],
+                "output '{tmp}/pictures.png' is a folder; give a file name inside it")
+
+
+@row("plot-output-folder-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_plot_run.main, [_trained_run(tmp), "--out", tmp / "pictures" / "run.png"],
+                "output folder '{tmp}/pictures' does not exist; create it first")
+
+
+@row("plot-output-folder-read-only")
+def _(inputs, tmp, monkeypatch):
+    run_dir = _trained_run(tmp)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != run_dir and access(path, mode))
+    return Case(tool_plot_run.main, [run_dir], "output folder '{tmp}/run' is not writable; choose another folder")
+
+
+@row("plot-output-not-png")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_plot_run.main, [_trained_run(tmp), "--out", tmp / "run.jpg"],
+                "output '{tmp}/run.jpg' must be a .png file; give a name ending in .png")
+
+
+@row("plot-smoothing-out-of-range")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_plot_run.main, [_trained_run(tmp), "--smoothing", "1"],
+                "--smoothing must be in [0, 1) (0 draws the raw loss only), got 1.0")
 
 
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
