@@ -1,6 +1,6 @@
 """Score a ControlLDM on a fixed set of items: sample each hint with a fixed seed, then measure control fidelity.
 
-`evaluate_control` is what the training job's evaluation and `tool_eval_control.py` call: it samples as
+`evaluate_control` serves both the evaluation during training and `tool_eval_control.py`: it samples as
 `ControlLDM.log_images` does (DDIM, the item's prompt guided against the empty prompt, the hint in both passes),
 in eval mode, without gradients and without moving any global random stream, so training after it follows the
 same trajectory as without it.
