@@ -21,8 +21,9 @@ from cldm.sampling import (
     DEFAULT_N_PROMPT,
     PRECISIONS,
     SampleSettings,
-    WeightSources,
+    add_weight_arguments,
     sample_to_files,
+    weight_sources,
 )
 
 MAX_SEED = 2**32 - 1
@@ -35,10 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample images from a ControlNet checkpoint and a hint image (DDIM, classifier-free guidance).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default="./models/cldm_v15.yaml", help="ControlLDM model config (yaml)")
-    parser.add_argument("--ckpt", help="full ControlLDM checkpoint (training output or released control_sd15_*.pth)")
-    parser.add_argument("--base", help="Stable Diffusion checkpoint, used with --control instead of --ckpt")
-    parser.add_argument("--control", help="control-only weights (tool_extract_control.py), used with --base")
+    add_weight_arguments(parser)
     parser.add_argument("--hint", required=True, help="hint image (edges, pose, ...); resized as the apps do")
     parser.add_argument("--prompt", default="", help="text prompt")
     parser.add_argument("--a_prompt", default=DEFAULT_A_PROMPT, help="added prompt, appended after ', '")
@@ -88,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ddim_steps=args.ddim_steps, scale=args.scale, strength=args.strength, guess_mode=args.guess_mode,
         eta=args.eta, seed=args.seed if args.seed != -1 else random.randint(0, 65535), precision=args.precision,
     )
-    weights = WeightSources(args.config, ckpt=args.ckpt, base=args.base, control=args.control)
-    sample_to_files(weights, args.hint, args.out, settings, args.resolution, device_name=args.device,
+    sample_to_files(weight_sources(args), args.hint, args.out, settings, args.resolution, device_name=args.device,
                     overwrite=args.overwrite, max_image_pixels=args.max_image_pixels)
     return 0
 

@@ -2,6 +2,7 @@
 write the grid and the single images (what tool_sample.py runs)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import time
@@ -107,6 +108,9 @@ def load_control_ldm(
         load_weights(model, state_dict, source=f"{base} + {control}", config=config)
     else:
         state_dict = read_state_dict(ckpt)
+        _check_kind(state_dict, ckpt, "--ckpt", ("controlnet-sd1", "controlnet-sd2", "unknown"),
+                    "pass a checkpoint that holds a ControlNet and its base model (a training checkpoint or "
+                    "tool_add_control.py's output), or the base model as --base and control-only weights as --control")
         model = create_model(config)
         load_weights(model, state_dict, source=ckpt, config=config)
     return model.eval()
@@ -246,6 +250,11 @@ def sample_images(
         )
         # 4. decode to uint8 HWC
         images = model.decode_first_stage(latents)
+    return to_uint8_images(images)
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """Decoded images (N, 3, H, W) in [-1, 1] as uint8 (N, H, W, 3) on the host, as the apps convert them."""
     images = rearrange(images.float(), "b c h w -> b h w c") * 127.5 + 127.5
     return images.cpu().numpy().clip(0, 255).astype(np.uint8)
 
@@ -305,6 +314,19 @@ class WeightSources(NamedTuple):
     ckpt: PathLike | None = None
     base: PathLike | None = None
     control: PathLike | None = None
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that name the weights: --config, and --ckpt or --base with --control."""
+    parser.add_argument("--config", default="./models/cldm_v15.yaml", help="ControlLDM model config (yaml)")
+    parser.add_argument("--ckpt", help="full ControlLDM checkpoint (training output or released control_sd15_*.pth)")
+    parser.add_argument("--base", help="Stable Diffusion checkpoint, used with --control instead of --ckpt")
+    parser.add_argument("--control", help="control-only weights (tool_extract_control.py), used with --base")
+
+
+def weight_sources(args: argparse.Namespace) -> WeightSources:
+    """The `WeightSources` of the flags `add_weight_arguments` adds."""
+    return WeightSources(args.config, ckpt=args.ckpt, base=args.base, control=args.control)
 
 
 def sample_to_files(weights: WeightSources, hint_path: PathLike, out: PathLike, settings: SampleSettings,

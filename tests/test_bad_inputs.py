@@ -28,6 +28,7 @@ from PIL import Image
 import tool_add_control
 import tool_add_control_sd21
 import tool_cache_latents
+import tool_eval_control
 import tool_export_diffusers
 import tool_extract_control
 import tool_make_fill50k
@@ -1133,6 +1134,78 @@ def _(inputs, tmp, monkeypatch):
 def _(inputs, tmp, monkeypatch):
     return Case(tool_plot_run.main, [_trained_run(tmp), "--smoothing", "1"],
                 "--smoothing must be in [0, 1) (0 draws the raw loss only), got 1.0")
+
+
+# tool_eval_control.py ------------------------------------------------------------------------------
+
+def _eval(inputs: Inputs, *extra) -> list:
+    return ["--config", TINY, "--data_root", inputs.data, "--items", "2", "--ddim_steps", "1", "--device", "cpu",
+            *extra]
+
+
+@row("eval-data-folder-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_eval_control.main, _eval(inputs, "--data_root", tmp / "fill50k", "--ckpt", inputs.initial),
+                f"Data set folder {tmp}/fill50k does not exist; make it with tool_make_fill50k.py or unzip fill50k.zip "
+                f"there.")
+
+
+@row("eval-data-folder-without-items")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "prompt.json").write_text("\n")
+    return Case(tool_eval_control.main, _eval(inputs, "--data_root", tmp / "empty", "--ckpt", inputs.initial),
+                f"{tmp}/empty/prompt.json lists no items; add one JSON object per line with keys source, target, "
+                f"prompt.")
+
+
+@row("eval-items-more-than-dataset")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_eval_control.main, _eval(inputs, "--items", "10", "--ckpt", inputs.initial),
+                f"--items 10 is more than the 4 items in {inputs.data}/prompt.json; use at most 4")
+
+
+@row("eval-items-zero")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_eval_control.main, _eval(inputs, "--items", "0", "--ckpt", inputs.initial),
+                "--items must be at least 1, got 0")
+
+
+@row("eval-checkpoint-without-controlnet")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_eval_control.main, _eval(inputs, "--ckpt", inputs.sd1),
+                f"--ckpt '{inputs.sd1}' looks like a Stable Diffusion 1.x model; pass a checkpoint that holds a "
+                f"ControlNet and its base model (a training checkpoint or tool_add_control.py's output), or the base "
+                f"model as --base and control-only weights as --control")
+
+
+@row("eval-images-names-do-not-match")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "generated").mkdir()
+    for name in ("sample_a.png", "sample_b.png"):
+        shutil.copy(inputs.data / "target" / "2.png", tmp / "generated" / name)
+    return Case(tool_eval_control.main, _eval(inputs, "--images", tmp / "generated"),
+                f"--images '{tmp}/generated' has no image for 2 of the 2 items (the first: 2.png); name each image "
+                f"after its item's line in prompt.json, counted from 0 (the items scored are the data set's last "
+                f"--items)")
+
+
+@row("eval-images-other-size")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "generated").mkdir()
+    shutil.copy(inputs.data / "target" / "2.png", tmp / "generated" / "2.png")
+    cv2.imwrite(str(tmp / "generated" / "3.png"), np.zeros((32, 32, 3), np.uint8))
+    return Case(tool_eval_control.main, _eval(inputs, "--images", tmp / "generated"),
+                f"image '{tmp}/generated/3.png' is 32x32 px but the hint of item 3 is 64x64 px; generate at the "
+                f"hint's size or pass --resolution")
+
+
+@row("eval-output-exists")
+def _(inputs, tmp, monkeypatch):
+    existing = inputs.root / "per_item.json"
+    existing.write_text("[]\n")
+    return Case(tool_eval_control.main, _eval(inputs, "--ckpt", inputs.initial, "--json", existing),
+                f"output '{existing}' already exists; choose another name or delete it first")
 
 
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:

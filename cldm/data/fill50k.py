@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -182,6 +183,16 @@ NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 COLOUR_NAMES: tuple[str, ...] = tuple(NAMED_COLOURS)
+_PROMPT = re.compile(r"(?P<circle>[a-z ]+) circle with (?P<background>[a-z ]+) background")
+
+
+def parse_prompt(prompt: str) -> tuple[str, str] | None:
+    """(circle colour, background colour) of a Fill50K prompt, or None when `prompt` is not one (a colour name
+    outside `NAMED_COLOURS`, or other words)."""
+    match = _PROMPT.fullmatch(prompt)
+    if match is None or not {match["circle"], match["background"]} <= NAMED_COLOURS.keys():
+        return None
+    return match["circle"], match["background"]
 
 # --------------------------------------------------------------------------------------------
 # One item: sampling and drawing
