@@ -1137,7 +1137,8 @@ def test_row_tool_killed_mid_write(inputs: Inputs, tmp_path: Path, caplog) -> No
     with caplog.at_level("INFO"):
         assert run(tool_add_control.main, [str(arg) for arg in _add(inputs.sd1, tmp_path / "other.ckpt")]) == 0
     assert sorted(os.listdir(tmp_path)) == ["other.ckpt"]
-    assert f"Removed {temp} (" in caplog.text and "the temporary file of a write whose process was killed" in caplog.text
+    assert f"Removed {temp} (" in caplog.text
+    assert "the temporary file of a write whose process was killed" in caplog.text
 
 
 @pytest.mark.slow  # a tool_add_control.py subprocess

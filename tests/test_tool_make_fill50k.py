@@ -60,7 +60,8 @@ def test_colour_table_is_the_css_table_split_into_words():
 
 def test_folder_layout_and_json_lines(dataset):
     assert all_files(dataset) == sorted(
-        ["prompt.json", MARKER_NAME] + [f"{kind}/{index}.png" for kind in ("source", "target") for index in range(COUNT)]
+        ["prompt.json", MARKER_NAME]
+        + [f"{kind}/{index}.png" for kind in ("source", "target") for index in range(COUNT)]
     )
     marker = json.loads((dataset / MARKER_NAME).read_text(encoding="utf-8"))
     assert marker == {"generator": "tool_make_fill50k.py", "version": 1, "count": COUNT, "size": SIZE, "seed": SEED}
