@@ -846,6 +846,26 @@ def _(inputs, tmp, monkeypatch):
                 f"output folder '{existing}' already exists; choose another name or pass --overwrite")
 
 
+@row("export-overwrite-other-folder")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's notes")
+    return Case(tool_export_diffusers.main, [inputs.initial, folder, "--config", TINY, "--overwrite"],
+                f"output folder '{folder}' is not empty and holds no config.json; it is not a ControlNet model folder, "
+                "so it is not replaced even with --overwrite")
+
+
+@row("export-overwrite-foreign-config")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "project"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"learning_rate": 1e-5}')
+    return Case(tool_export_diffusers.main, [inputs.initial, folder, "--config", TINY, "--overwrite"],
+                f"output folder '{folder}' holds a config.json that is not a ControlNet model folder's, so it is not "
+                "replaced even with --overwrite")
+
+
 @row("export-input-is-a-diffusers-folder")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_export_diffusers.main, [inputs.diffusers, tmp / "exported", "--config", TINY],

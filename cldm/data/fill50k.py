@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # The file that marks a folder as a data set of this generator (hidden: training reads only prompt.json).
 MARKER_NAME = ".fill50k_generator.json"
 MARKER_VERSION = 1
+GENERATOR = "tool_make_fill50k.py"
 
 # --------------------------------------------------------------------------------------------
 # Colours
@@ -332,11 +333,11 @@ def check_arguments(out: Path, count: int, size: int, seed: int, workers: int, f
                               f"no {MARKER_NAME}; the unzipped fill50k.zip, say), so it is not replaced even with "
                               f"--force; delete it by hand or choose another --out")
     check_output_path(out, overwrite=force, folder=True, overwrite_flag="--force", marker=MARKER_NAME,
-                      kind="data set made by tool_make_fill50k.py")
+                      kind="data set made by tool_make_fill50k.py", marker_fields={"generator": GENERATOR})
 
 
 def _write_marker(folder: Path, count: int, size: int, seed: int) -> None:
-    marker = {"generator": "tool_make_fill50k.py", "version": MARKER_VERSION, "count": count, "size": size,
+    marker = {"generator": GENERATOR, "version": MARKER_VERSION, "count": count, "size": size,
               "seed": seed}
     (folder / MARKER_NAME).write_text(json.dumps(marker) + "\n", encoding="utf-8")
 
