@@ -337,8 +337,7 @@ def check_arguments(out: Path, count: int, size: int, seed: int, workers: int, f
 
 
 def _write_marker(folder: Path, count: int, size: int, seed: int) -> None:
-    marker = {"generator": GENERATOR, "version": MARKER_VERSION, "count": count, "size": size,
-              "seed": seed}
+    marker = {"generator": GENERATOR, "version": MARKER_VERSION, "count": count, "size": size, "seed": seed}
     (folder / MARKER_NAME).write_text(json.dumps(marker) + "\n", encoding="utf-8")
 
 
