@@ -15,7 +15,6 @@ USER_ERRORS = (OSError, ValueError)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM ended
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +28,34 @@ def _exit_code(error: SystemExit) -> int:
         return error.code or 0
     print(error.code, file=sys.stderr)
     return 1
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call `main(argv)` and turn user errors into `error: <message>` with exit code 2 (130 on Ctrl-C, 143 on
+    SIGTERM, both after unwinding, so that no temporary file is left behind)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    try:
+        with _sigterm_unwinds():
+            return main(args) or 0
+    except SystemExit as error:
+        return _exit_code(error)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM
+# ---------------------------------------------------------------------------------------------
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM ended
 
 
 class Terminated(KeyboardInterrupt):
@@ -61,24 +88,3 @@ def _sigterm_unwinds() -> Iterator[None]:
         raise SystemExit(EXIT_TERMINATED) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)` and turn user errors into `error: <message>` with exit code 2 (130 on Ctrl-C, 143 on
-    SIGTERM, both after unwinding, so that no temporary file is left behind)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
-    try:
-        with _sigterm_unwinds():
-            return main(args) or 0
-    except SystemExit as error:
-        return _exit_code(error)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except USER_ERRORS as error:
-        if debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
