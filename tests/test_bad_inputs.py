@@ -1094,38 +1094,6 @@ def test_debug_shows_the_traceback(row_id: str, inputs: Inputs, tmp_path: Path, 
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "image",
-    [np.full((64, 64), 77, np.uint8), np.full((64, 64, 4), 200, np.uint8), np.full((64, 64, 3), 40000, np.uint16)],
-    ids=["gray", "rgba", "16-bit"])
-def test_row_train_grayscale_rgba_16bit_images(tmp_path: Path, image: np.ndarray) -> None:
-    data = _dataset(tmp_path / "data", 2)
-    assert cv2.imwrite(str(data / "source" / "0.png"), image) and cv2.imwrite(str(data / "target" / "0.png"), image)
-    dataset = MyDataset(root=str(data))
-    check_dataset(dataset, None)  # the training job's check accepts them
-    item = dataset[0]
-    assert item["hint"].shape == item["jpg"].shape == (64, 64, 3) and item["hint"].dtype == np.float32
-
-
-def test_row_train_prompt_longer_than_77_tokens(caplog) -> None:
-    encoder = create_model(TINY).cond_stage_model
-    with caplog.at_level("WARNING"):
-        long = encoder.encode(["red " * 100, "red " * 90])
-        encoder.encode(["red " * 80])
-    warnings = [record.getMessage() for record in caplog.records if "truncated" in record.getMessage()]
-    assert len(warnings) == 1 and "truncated to its first 75 tokens, as the original encoder does" in warnings[0]
-    # Kept: the start token, the first 75 tokens and the end token, as the original's max_length=77 truncation.
-    exactly_75 = encoder.encode(["red " * 75])
-    assert long.shape == (2, 77, exactly_75.shape[-1])
-    assert torch.equal(long[0], exactly_75[0]) and torch.equal(long[1], exactly_75[0])
-    assert not torch.equal(encoder.encode(["red " * 74])[0], exactly_75[0])
-
-
-def test_row_sample_hint_of_any_size() -> None:
-    hint = prepare_hint(np.zeros((100, 150, 3), np.uint8), 100)
-    assert hint.shape[0] % 64 == 0 and hint.shape[1] % 64 == 0
-
-
 def test_row_fill50k_force_replaces_its_own_data_set(tmp_path: Path) -> None:
     out = make_data(tmp_path / "fill50k", 3)
     argv = ["--out", str(out), "--count", "2", "--size", "64", "--workers", "1", "--force", "--quiet"]
@@ -1180,6 +1148,38 @@ def test_row_tool_terminated_mid_write(inputs: Inputs, tmp_path: Path) -> None:
     assert process.returncode == 143, output[-3000:]
     assert output.splitlines()[-1] == "terminated" and "Traceback" not in output
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "image",
+    [np.full((64, 64), 77, np.uint8), np.full((64, 64, 4), 200, np.uint8), np.full((64, 64, 3), 40000, np.uint16)],
+    ids=["gray", "rgba", "16-bit"])
+def test_row_train_grayscale_rgba_16bit_images(tmp_path: Path, image: np.ndarray) -> None:
+    data = _dataset(tmp_path / "data", 2)
+    assert cv2.imwrite(str(data / "source" / "0.png"), image) and cv2.imwrite(str(data / "target" / "0.png"), image)
+    dataset = MyDataset(root=str(data))
+    check_dataset(dataset, None)  # the training job's check accepts them
+    item = dataset[0]
+    assert item["hint"].shape == item["jpg"].shape == (64, 64, 3) and item["hint"].dtype == np.float32
+
+
+def test_row_train_prompt_longer_than_77_tokens(caplog) -> None:
+    encoder = create_model(TINY).cond_stage_model
+    with caplog.at_level("WARNING"):
+        long = encoder.encode(["red " * 100, "red " * 90])
+        encoder.encode(["red " * 80])
+    warnings = [record.getMessage() for record in caplog.records if "truncated" in record.getMessage()]
+    assert len(warnings) == 1 and "truncated to its first 75 tokens, as the original encoder does" in warnings[0]
+    # Kept: the start token, the first 75 tokens and the end token, as the original's max_length=77 truncation.
+    exactly_75 = encoder.encode(["red " * 75])
+    assert long.shape == (2, 77, exactly_75.shape[-1])
+    assert torch.equal(long[0], exactly_75[0]) and torch.equal(long[1], exactly_75[0])
+    assert not torch.equal(encoder.encode(["red " * 74])[0], exactly_75[0])
+
+
+def test_row_sample_hint_of_any_size() -> None:
+    hint = prepare_hint(np.zeros((100, 150, 3), np.uint8), 100)
+    assert hint.shape[0] % 64 == 0 and hint.shape[1] % 64 == 0
 
 
 ACCEPTED_ROWS = {
