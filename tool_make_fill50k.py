@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from cldm.cli import run
 from cldm.data.fill50k import generate_fill50k
 
 
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8, at least 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing and writing")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists, once the new one is done")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out if this tool made it (never another folder)")
     parser.add_argument("--quiet", action="store_true", help="hide the progress bar")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     return parser
@@ -44,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="32: float32; bf16 / 16: autocast (16 on CUDA only)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="samples.png", help="grid PNG; the single images go next to it")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files (--out and its single images)")
     add_debug_argument(parser)
     return parser
 

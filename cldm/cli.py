@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 # Errors that describe a problem with the user's input or environment (files, folders, values), not a bug.
 USER_ERRORS = (OSError, ValueError)
@@ -50,12 +54,14 @@ def describe_error(error: Exception) -> str:
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)` and turn user errors into `error: <message>` with exit code 2 (130 on Ctrl-C)."""
+    """Call `main(argv)` and turn user errors into `error: <message>` with exit code 2 (130 on Ctrl-C, 143 on
+    SIGTERM, both after unwinding, so that no temporary file is left behind)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
     try:
-        return main(args) or 0
+        with _sigterm_unwinds():
+            return main(args) or 0
     except SystemExit as error:
         return _exit_code(error)
     except KeyboardInterrupt:
@@ -66,3 +72,42 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
             raise
         print(f"error: {describe_error(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM
+# ---------------------------------------------------------------------------------------------
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it unwinds as after Ctrl-C (temporary files are removed)."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """For the duration, SIGTERM raises `Terminated` in this process, which ends in `terminated` on stderr and exit
+    code 143; a second SIGTERM, and SIGTERM in processes forked meanwhile (DataLoader workers), get the previous
+    handler."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # only the main thread may set handlers; None: a handler not set from Python, which is left alone
+        return
+    owner = os.getpid()
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        if os.getpid() != owner:
+            signal.raise_signal(signum)
+            return
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(EXIT_TERMINATED) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
-from cldm.checkpoints.atomic import atomic_write, stale_temporary_files
+from cldm.checkpoints.atomic import atomic_write, remove_stale_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ class ImageLogger(Callback):
         """Remove the temporary files of grids that a killed run was writing."""
         if self.disabled or trainer.global_rank != 0:
             return
-        for path in stale_temporary_files(self.image_dir(self.save_dir(trainer), "train")):
-            path.unlink(missing_ok=True)
+        remove_stale_temporary_files(self.image_dir(self.save_dir(trainer), "train"))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

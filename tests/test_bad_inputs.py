@@ -13,7 +13,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ import tutorial_train
 import tutorial_train_dist
 from ldm import checkpoint as checkpoint_io
 from cldm.checkpoints.saving import save_state_dict
+from cldm.data.fill50k import MARKER_NAME as FILL50K_MARKER
 from cldm.data.latent_cache import MOMENTS_NAME
 from cldm.cli import run
 from cldm.model import create_model
@@ -51,7 +55,7 @@ from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
 
 from run_logs import training_rows, write_log
-from tiny_training import TINY_CONFIG, make_data, make_initial_weights
+from tiny_training import HELPERS, TINY_CONFIG, make_data, make_initial_weights, subprocess_env
 from tests.helpers.paths import REPO_ROOT
 
 
@@ -373,6 +377,26 @@ def _(inputs, tmp, monkeypatch):
 def _(inputs, tmp, monkeypatch):
     return Case(tool_make_fill50k.main, ["--out", tmp / "fill", "--count", "0", "--quiet"],
                 "count must be at least 1, got 0.")
+
+
+@row("fill50k-force-other-folder")
+def _(inputs, tmp, monkeypatch):
+    out = tmp / "project"
+    (out / "cldm" / "data").mkdir(parents=True)
+    (out / "cldm" / "data" / "fill50k.py").write_text("the user's code")
+    return Case(tool_make_fill50k.main, ["--out", out, "--count", "2", "--size", "64", "--force", "--quiet"],
+                f"output folder '{out}' is not empty and holds no {FILL50K_MARKER}; it is not a data set made by "
+                "tool_make_fill50k.py, so it is not replaced even with --force")
+
+
+@row("fill50k-force-unzipped-data-set")
+def _(inputs, tmp, monkeypatch):
+    out = shutil.copytree(inputs.data, tmp / "fill50k")
+    (out / FILL50K_MARKER).unlink()  # training/fill50k.zip has none
+    return Case(tool_make_fill50k.main, ["--out", out, "--count", "2", "--size", "64", "--force", "--quiet"],
+                f"output folder '{out}' holds a data set that tool_make_fill50k.py did not make (it has no "
+                f"{FILL50K_MARKER}; the unzipped fill50k.zip, say), so it is not replaced even with --force; delete it "
+                "by hand or choose another --out")
 
 
 # tutorial_train.py (tutorial_train_sd21.py and tutorial_train_dist.py share its code) -------------
@@ -872,6 +896,26 @@ def _(inputs, tmp, monkeypatch):
                 f"output folder '{existing}' already exists; choose another name or pass --overwrite")
 
 
+@row("export-overwrite-other-folder")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's notes")
+    return Case(tool_export_diffusers.main, [inputs.initial, folder, "--config", TINY, "--overwrite"],
+                f"output folder '{folder}' is not empty and holds no config.json; it is not a ControlNet model folder, "
+                "so it is not replaced even with --overwrite")
+
+
+@row("export-overwrite-foreign-config")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "project"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"learning_rate": 1e-5}')
+    return Case(tool_export_diffusers.main, [inputs.initial, folder, "--config", TINY, "--overwrite"],
+                f"output folder '{folder}' holds a config.json that is not a ControlNet model folder's, so it is not "
+                "replaced even with --overwrite")
+
+
 @row("export-input-is-a-diffusers-folder")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_export_diffusers.main, [inputs.diffusers, tmp / "exported", "--config", TINY],
@@ -1250,6 +1294,62 @@ def test_debug_shows_the_traceback(row_id: str, inputs: Inputs, tmp_path: Path, 
 # ---------------------------------------------------------------------------------------------
 
 
+def test_row_fill50k_force_replaces_its_own_data_set(tmp_path: Path) -> None:
+    out = make_data(tmp_path / "fill50k", 3)
+    argv = ["--out", str(out), "--count", "2", "--size", "64", "--workers", "1", "--force", "--quiet"]
+    assert run(tool_make_fill50k.main, argv) == 0
+    assert len((out / "prompt.json").read_text().splitlines()) == 2 and os.listdir(tmp_path) == ["fill50k"]
+
+
+def _stalled_add_control(inputs: Inputs, output: Path) -> tuple[subprocess.Popen, Path]:
+    """tool_add_control.py writing `output` in a subprocess, stalled with its temporary file complete."""
+    argv = [str(arg) for arg in _add(inputs.sd1, output)]
+    process = subprocess.Popen([sys.executable, str(HELPERS / "stalling_tool.py"), *argv], cwd=REPO_ROOT,
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("stalled "):
+            temp = Path(line.removeprefix("stalled ").strip())
+            assert temp.is_file() and temp.parent == output.parent
+            return process, temp
+    raise AssertionError(f"tool_add_control.py ended before writing: {''.join(lines)[-3000:]}")
+
+
+@pytest.mark.slow  # a tool_add_control.py subprocess
+def test_row_tool_killed_mid_write(inputs: Inputs, tmp_path: Path, caplog) -> None:
+    process, temp = _stalled_add_control(inputs, tmp_path / "control.ckpt")
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert os.listdir(tmp_path) == [temp.name]  # the SIGKILLed tool could not clean up
+    with caplog.at_level("INFO"):
+        assert run(tool_add_control.main, [str(arg) for arg in _add(inputs.sd1, tmp_path / "other.ckpt")]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["other.ckpt"]
+    assert f"Removed {temp} (" in caplog.text
+    assert "the temporary file of a write whose process was killed" in caplog.text
+
+
+@pytest.mark.slow  # a tool_add_control.py subprocess
+def test_row_tool_writing_into_the_same_folder(inputs: Inputs, tmp_path: Path) -> None:
+    process, temp = _stalled_add_control(inputs, tmp_path / "control.ckpt")
+    try:
+        assert run(tool_add_control.main, [str(arg) for arg in _add(inputs.sd1, tmp_path / "other.ckpt")]) == 0
+        assert sorted(os.listdir(tmp_path)) == sorted(["other.ckpt", temp.name])  # the live write is left alone
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+
+
+@pytest.mark.slow  # a tool_add_control.py subprocess
+def test_row_tool_terminated_mid_write(inputs: Inputs, tmp_path: Path) -> None:
+    process, temp = _stalled_add_control(inputs, tmp_path / "control.ckpt")
+    process.terminate()
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 143, output[-3000:]
+    assert output.splitlines()[-1] == "terminated" and "Traceback" not in output
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "image",
     [np.full((64, 64), 77, np.uint8), np.full((64, 64, 4), 200, np.uint8), np.full((64, 64, 3), 40000, np.uint16)],
@@ -1296,6 +1396,10 @@ def test_row_train_second_run_logs(inputs: Inputs, tmp_path: Path) -> None:
 
 
 ACCEPTED_ROWS = {
+    "fill50k-force-replaces-its-own-data-set": test_row_fill50k_force_replaces_its_own_data_set,
+    "tool-killed-mid-write": test_row_tool_killed_mid_write,
+    "tool-writing-into-the-same-folder": test_row_tool_writing_into_the_same_folder,
+    "tool-terminated-mid-write": test_row_tool_terminated_mid_write,
     "train-grayscale-rgba-16bit-images": test_row_train_grayscale_rgba_16bit_images,
     "train-prompt-longer-than-77-tokens": test_row_train_prompt_longer_than_77_tokens,
     "sample-hint-of-any-size": test_row_sample_hint_of_any_size,

@@ -44,7 +44,7 @@ def test_the_tool_writes_a_complete_cache_and_replaces_it_only_with_overwrite(se
     assert run(tool_cache_latents.main, _tool_args(setup["initial"], setup["data"], "--overwrite", "--dtype",
                                                    "float16")) == 0
     assert read_manifest(cache)["dtype"] == "float16"
-    assert not [name for name in os.listdir(setup["data"]) if name.startswith(".")]  # no temporary folder left
+    assert not [name for name in os.listdir(setup["data"]) if name.endswith(".tmp")]  # no temporary folder left
     assert run(tool_cache_latents.main, _tool_args(setup["initial"], setup["data"], "--overwrite")) == 0
 
 

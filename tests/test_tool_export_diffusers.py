@@ -98,7 +98,7 @@ def test_overwrite_replaces_the_folder(tmp_path, tiny_control_file) -> None:
     pytest.importorskip("diffusers")
     out = tmp_path / "exported"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"_class_name": "ControlNetModel"}')  # a ControlNet exported before
     (out / "stale.txt").write_text("old")
     assert tool_export_diffusers.main([str(tiny_control_file), str(out), "--config", TINY, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
@@ -112,7 +112,7 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_model(tmp_path, tiny_co
     out.mkdir()
     (out / "notes.txt").write_text("keep")
     argv = [str(tiny_control_file), str(out), "--config", TINY, "--overwrite"]
-    assert "not a model folder" in _fails(argv, capsys)
+    assert "not a ControlNet model folder" in _fails(argv, capsys)
     assert (out / "notes.txt").read_text() == "keep"
 
 

@@ -5,6 +5,7 @@ import filecmp
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from PIL import Image, ImageColor
 
 import tool_make_fill50k
 from cldm.data import fill50k
-from cldm.data.fill50k import NAMED_COLOURS, generate_fill50k, sample_item
+from cldm.data.fill50k import MARKER_NAME, NAMED_COLOURS, generate_fill50k, sample_item
+from cldm.processes import ProcessIdentity
 
 COUNT, SIZE, SEED = 12, 64, 0
 PROMPT_PATTERN = re.compile(r"^([a-z ]+) circle with ([a-z ]+) background$")
@@ -58,8 +60,11 @@ def test_colour_table_is_the_css_table_split_into_words():
 
 def test_folder_layout_and_json_lines(dataset):
     assert all_files(dataset) == sorted(
-        ["prompt.json"] + [f"{kind}/{index}.png" for kind in ("source", "target") for index in range(COUNT)]
+        ["prompt.json", MARKER_NAME]
+        + [f"{kind}/{index}.png" for kind in ("source", "target") for index in range(COUNT)]
     )
+    marker = json.loads((dataset / MARKER_NAME).read_text(encoding="utf-8"))
+    assert marker == {"generator": "tool_make_fill50k.py", "version": 1, "count": COUNT, "size": SIZE, "seed": SEED}
     lines = (dataset / "prompt.json").read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) == COUNT + 1
     for index, line in enumerate(lines[:-1]):
@@ -157,15 +162,39 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fill50k"]
 
 
-def test_staging_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+def test_temporary_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
     out = tmp_path / "fill50k"
-    dead = tmp_path / f"fill50k{fill50k.STAGING_SUFFIX}{2**22 + 1}"  # above Linux's largest pid: no such process
-    live = tmp_path / f"fill50k{fill50k.STAGING_SUFFIX}{os.getppid()}"
-    other = tmp_path / f"fill50k-other{fill50k.STAGING_SUFFIX}{2**22 + 1}"
-    for folder in (dead, live, other):
+    host = ProcessIdentity.current().host
+    dead = tmp_path / f".fill50k.{2**22 + 1}-0-{host}.0123abcd.tmp"  # above Linux's largest pid: no such process
+    live = tmp_path / f".fill50k.{os.getppid()}-0-{host}.0123abcd.tmp"
+    for folder in (dead, live):
         (folder / "source").mkdir(parents=True)
     generate_fill50k(out, 2, SIZE, show_progress=False)
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["fill50k", live.name, other.name])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["fill50k", live.name])
+
+
+def test_force_refuses_a_folder_the_generator_did_not_make(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "cldm" / "data").mkdir(parents=True)
+    (out / "cldm" / "data" / "fill50k.py").write_text("the user's code")
+    code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
+    assert code == 2 and capsys.readouterr().err == (
+        f"error: output folder '{out}' is not empty and holds no {MARKER_NAME}; it is not a data set made by "
+        "tool_make_fill50k.py, so it is not replaced even with --force\n")
+    assert all_files(out) == ["cldm/data/fill50k.py"] and sorted(path.name for path in tmp_path.iterdir()) == ["mine"]
+
+
+def test_force_refuses_a_data_set_unzipped_by_the_user(dataset, tmp_path, capsys):
+    out = tmp_path / "fill50k"
+    shutil.copytree(dataset, out)
+    (out / MARKER_NAME).unlink()  # as in training/fill50k.zip
+    before = all_files(out)
+    code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
+    assert code == 2 and capsys.readouterr().err == (
+        f"error: output folder '{out}' holds a data set that tool_make_fill50k.py did not make (it has no "
+        f"{MARKER_NAME}; the unzipped fill50k.zip, say), so it is not replaced even with --force; delete it by hand "
+        "or choose another --out\n")
+    assert all_files(out) == before
 
 
 @pytest.mark.slow

@@ -7,18 +7,25 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from cldm.processes import ProcessIdentity
 from ldm.checkpoint import PathLike
 
 logger = logging.getLogger(__name__)
 
-# `atomic_path` writes `.<name>.<8 hex digits>.tmp` next to the target.
+# `atomic_path` writes `.<name>.<writer>.<8 hex digits>.tmp` next to the target, <writer> being the writing process's
+# `ProcessIdentity.tag`; a folder it replaces is first renamed to the same name ending in `.old`.
 _TEMPORARY_SUFFIX = ".tmp"
-_TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_TEMPORARY_NAME = re.compile(r"^\..+\.(?P<writer>\d+-\d+-[0-9a-f]{8})\.[0-9a-f]{8}\.(?:tmp|old)$")
+# Earlier versions wrote `.<name>.<8 hex digits>.tmp`, without the writer.
+_UNATTRIBUTED_TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+# A temporary file whose writer cannot be asked (on another host, or unnamed) is stale once unchanged for this long.
+UNCHECKABLE_STALE_AFTER_S = 24 * 3600
 
 
 def _fsync_path(path: Path) -> None:
@@ -87,7 +94,7 @@ def _replace(temp: Path, target: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    shutil.rmtree(old)
+    _remove(old)
 
 
 @contextmanager
@@ -95,10 +102,14 @@ def atomic_path(path: PathLike, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary file (or, with `folder`, folder) next to `path`; on success it is fsync'd and renamed to
     `path`, replacing what was there, on failure removed.
 
-    A write that runs out of disk space raises an OSError (errno ENOSPC) that names `path`.
+    The temporary names hold the writing process's identity, so that the first write into a folder removes the
+    temporary files that killed processes left there (`remove_stale_temporary_files`) and no other's. A write that
+    runs out of disk space raises an OSError (errno ENOSPC) that names `path`.
     """
     target = Path(path).absolute() if folder else Path(path)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
+    remove_stale_temporary_files(target.parent)
+    writer = ProcessIdentity.current().tag
+    temp = target.with_name(f".{target.name}.{writer}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
     _reserve(temp, folder)
     permissions = temp.stat().st_mode & 0o777
     try:
@@ -121,12 +132,58 @@ def atomic_path(path: PathLike, folder: bool = False) -> Iterator[Path]:
         logger.debug("could not fsync folder %s (not supported on this platform)", target.parent)
 
 
+def _last_change(path: Path) -> float:
+    """When `path`, or for a folder anything directly in it, last changed (mtime)."""
+    entries = [path, *path.iterdir()] if path.is_dir() and not path.is_symlink() else [path]
+    return max(entry.lstat().st_mtime for entry in entries)
+
+
+def _is_stale(path: Path, now: float) -> bool:
+    """Whether `path` is a temporary file or folder of `atomic_path` whose writer died before finishing."""
+    match = _TEMPORARY_NAME.match(path.name)
+    if match:
+        running = ProcessIdentity.parse(match["writer"]).is_running()
+        if running is not None:
+            return not running
+    elif not _UNATTRIBUTED_TEMPORARY_NAME.match(path.name):
+        return False
+    try:  # its writer cannot be asked: judge by age
+        return now - _last_change(path) > UNCHECKABLE_STALE_AFTER_S
+    except OSError:  # it went away meanwhile
+        return False
+
+
 def stale_temporary_files(folder: PathLike) -> list[Path]:
-    """Temporary files that `atomic_path` left in `folder` when its process was killed mid-write."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    """Temporary files and folders that `atomic_path` left in `folder` when its process was killed mid-write: those
+    of writers on this host that no longer run, and those whose writer cannot be asked (on another host, or named
+    by an earlier version) unchanged for `UNCHECKABLE_STALE_AFTER_S`. Another process's write under way is never
+    among them."""
+    now = time.time()
+    try:
+        candidates = [path for path in Path(folder).iterdir() if path.name.startswith(".")]
+    except OSError:  # a missing or unreadable folder
         return []
-    return sorted(path for path in folder.iterdir() if _TEMPORARY_NAME.match(path.name) and path.is_file())
+    return sorted(path for path in candidates if _is_stale(path, now))
+
+
+def _size(path: Path) -> int:
+    """Bytes in the file, or in the files of the folder, `path`."""
+    files = path.rglob("*") if path.is_dir() and not path.is_symlink() else [path]
+    return sum(file.lstat().st_size for file in files)
+
+
+def remove_stale_temporary_files(folder: PathLike) -> list[Path]:
+    """Delete `stale_temporary_files(folder)`, logging each one with its size; returns them."""
+    removed = stale_temporary_files(folder)
+    for path in removed:
+        try:
+            size = _size(path)
+        except OSError:
+            size = 0
+        _remove(path)
+        logger.info("Removed %s (%.1f MB), the temporary file of a write whose process was killed", path,
+                    size / 1e6)
+    return removed
 
 
 @contextmanager

@@ -283,7 +283,8 @@ def export_diffusers(input_path: PathLike, output_dir: PathLike, config_path: Pa
     diffusers = import_diffusers()
     check_input_path(input_path, role="input checkpoint")
     check_config_path(config_path)
-    check_output_path(output_dir, overwrite=overwrite, folder=True, marker=CONFIG_NAME, kind="model folder")
+    check_output_path(output_dir, overwrite=overwrite, folder=True, marker=CONFIG_NAME,
+                      kind="ControlNet model folder", marker_fields={"_class_name": DIFFUSERS_CLASS_NAME})
     params = OmegaConf.to_container(read_control_stage_config(config_path).get("params", {}), resolve=True)
     config = {**diffusers_config(params), "_diffusers_version": diffusers.__version__}
 

@@ -8,17 +8,16 @@ Each item N is a pair of PNGs and a prompt:
 
 ``prompt.json`` lists the items in index order as JSON Lines. Item N depends only on
 ``(seed, N, size)``, so the bytes written do not depend on the number of worker processes.
-The data set is written into a temporary sibling folder and renamed into place when complete.
+The data set is written into a temporary sibling folder and renamed into place when complete, with a hidden
+``.fill50k_generator.json`` that marks it as the generator's: only such a folder is replaced by ``force``.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import multiprocessing
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cldm.checkpoints.atomic import atomic_path
 from cldm.checkpoints.paths import check_output_path
 
 logger = logging.getLogger(__name__)
-# A run writes into `<out>.tmp-<its pid>` and renames it to `<out>` once complete.
-STAGING_SUFFIX = ".tmp-"
+# The file that marks a folder as a data set of this generator (hidden: training reads only prompt.json).
+MARKER_NAME = ".fill50k_generator.json"
+MARKER_VERSION = 1
+GENERATOR = "tool_make_fill50k.py"
 
 # --------------------------------------------------------------------------------------------
 # Colours
@@ -337,7 +339,17 @@ def check_arguments(out: Path, count: int, size: int, seed: int, workers: int, f
         raise ValueError(f"seed must be zero or positive, got {seed}.")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}.")
-    check_output_path(out, overwrite=force, folder=True, overwrite_flag="--force")
+    if force and (out / "prompt.json").is_file() and not (out / MARKER_NAME).is_file():
+        raise FileExistsError(f"output folder '{out}' holds a data set that tool_make_fill50k.py did not make (it has "
+                              f"no {MARKER_NAME}; the unzipped fill50k.zip, say), so it is not replaced even with "
+                              f"--force; delete it by hand or choose another --out")
+    check_output_path(out, overwrite=force, folder=True, overwrite_flag="--force", marker=MARKER_NAME,
+                      kind="data set made by tool_make_fill50k.py", marker_fields={"generator": GENERATOR})
+
+
+def _write_marker(folder: Path, count: int, size: int, seed: int) -> None:
+    marker = {"generator": GENERATOR, "version": MARKER_VERSION, "count": count, "size": size, "seed": seed}
+    (folder / MARKER_NAME).write_text(json.dumps(marker) + "\n", encoding="utf-8")
 
 
 def generate_fill50k(
@@ -354,62 +366,18 @@ def generate_fill50k(
     Args:
         out: the data set folder; it must not exist unless `force`, its parent must.
         workers: processes drawing and encoding; the bytes written do not depend on it.
-        force: replace an existing `out`, once the new data set is complete.
+        force: replace an existing `out` that this generator made (never another folder), once the new data set is
+            complete.
     """
     out = Path(out).absolute()
     check_arguments(out, count, size, seed, workers, force)
-    remove_stale_staging(out)
-    staging = out.with_name(f"{out.name}{STAGING_SUFFIX}{os.getpid()}")
-    staging.mkdir()
-    try:
-        (staging / "source").mkdir()
-        (staging / "target").mkdir()
-        records = _render_all(staging, count, size, seed, workers, show_progress)
-        _write_prompt_file(staging / "prompt.json", records)
-        _move_into_place(staging, out, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_path(out, folder=True) as folder:
+        (folder / "source").mkdir()
+        (folder / "target").mkdir()
+        records = _render_all(folder, count, size, seed, workers, show_progress)
+        _write_prompt_file(folder / "prompt.json", records)
+        _write_marker(folder, count, size, seed)
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} appeared while the data set was written; use --force to replace it.")
     logger.info("Wrote %d Fill50K pairs of %d px to %s.", count, size, out)
     return out
-
-
-def remove_stale_staging(out: Path) -> None:
-    """Delete the half-written `<out>.tmp-PID` folders of generator runs that were killed.
-
-    A folder whose process still runs (another generator writing the same output) is left alone.
-    """
-    for folder in sorted(out.parent.glob(f"{glob.escape(out.name)}{STAGING_SUFFIX}*")):
-        pid = folder.name[len(out.name) + len(STAGING_SUFFIX):]
-        if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.info("Removed %s, left behind by an interrupted run.", folder)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    except OverflowError:  # beyond the platform's pid range
-        return False
-    return True
-
-
-def _move_into_place(staging: Path, out: Path, force: bool) -> None:
-    """Rename the complete `staging` folder to `out`, retiring an existing `out` only when `force`."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    if not force:
-        raise FileExistsError(f"{out} appeared while the data set was written; use --force to replace it.")
-    retired = out.with_name(f"{out.name}.old-{os.getpid()}")
-    out.rename(retired)
-    try:
-        staging.rename(out)
-    except BaseException:
-        retired.rename(out)
-        raise
-    shutil.rmtree(retired)

@@ -38,20 +38,8 @@ logger = logging.getLogger(__name__)
 
 def check_cache_output(out: PathLike, overwrite: bool) -> None:
     """Refuse an existing output unless `overwrite` and it is a latent cache (never replace another folder)."""
-    out = Path(out)
-    check_output_path(out, overwrite=overwrite, folder=True, marker=MANIFEST_NAME, kind="latent cache")
-    if out.is_dir() and any(out.iterdir()) and not _has_cache_manifest(out):
-        raise FileExistsError(f"output folder '{out}' holds a {MANIFEST_NAME} that is not a latent cache's, so it is "
-                              f"not replaced even with --overwrite")
-
-
-def _has_cache_manifest(folder: Path) -> bool:
-    """Whether `folder` holds a readable manifest of a latent cache (of any version)."""
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+    check_output_path(out, overwrite=overwrite, folder=True, marker=MANIFEST_NAME, kind="latent cache",
+                      marker_fields={"format": FORMAT_NAME})
 
 
 def distinct_prompts(records: Iterable[Mapping[str, str]]) -> list[str]:

@@ -14,9 +14,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info
 
-from cldm.checkpoints.atomic import stale_temporary_files
+from cldm.checkpoints.atomic import remove_stale_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +126,23 @@ class NonFiniteLossGuard(Callback):
 
 class GracefulStop(Callback):
     """Makes Ctrl-C (SIGINT) stop training the way Lightning handles SIGTERM: the current step finishes, a
-    checkpoint is saved and `fit` ends interrupted, so the run resumes exactly. A second Ctrl-C stops at once."""
+    checkpoint is saved and `fit` ends interrupted, so the run resumes exactly. A second Ctrl-C stops at once.
+
+    SIGTERM is Lightning's alone during `fit`: its signal connector, installed after `setup`, would also call the
+    handler found in place (`cldm.cli.run`'s, which stops at once), so the default handler stands in until
+    `teardown`."""
 
     _previous_handler: Any = None
+    _previous_sigterm_handler: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm_handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_sigterm_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
+            self._previous_sigterm_handler = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -163,9 +176,7 @@ class StepCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath is not None:
-            for path in stale_temporary_files(self.dirpath):
-                path.unlink(missing_ok=True)
-                rank_zero_info(f"Removed {path}, an incomplete checkpoint of an interrupted save")
+            remove_stale_temporary_files(self.dirpath)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

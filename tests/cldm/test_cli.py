@@ -1,11 +1,17 @@
-"""cldm.cli.run: user errors become one line and exit code 2; --debug shows the traceback; Ctrl-C exits 130."""
+"""cldm.cli.run: user errors become one line and exit code 2; --debug shows the traceback; Ctrl-C exits 130, SIGTERM
+143, after unwinding."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 
-from cldm.cli import add_debug_argument, run
+from cldm.checkpoints.atomic import atomic_path
+from cldm.cli import Terminated, add_debug_argument, run
 
 
 def _main_raising(error: BaseException):
@@ -71,3 +77,61 @@ def test_interrupt_and_exit_codes(capsys: pytest.CaptureFixture) -> None:
     assert run(lambda argv: 3, []) == 3
     assert run(_main_raising(ValueError("x")), ["--no-such-flag"]) == 2  # argparse usage error
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM unwinds as Ctrl-C does
+# ---------------------------------------------------------------------------------------------
+
+
+def _terminate_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)  # the handler's exception ends the sleep at once
+    raise AssertionError("SIGTERM did not stop the tool")
+
+
+def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def main(argv: list[str]) -> int:
+        with atomic_path(tmp_path / "model.ckpt") as temp:
+            temp.write_bytes(b"half a checkpoint")
+            _terminate_self()
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run(main, []) == 143
+    assert capsys.readouterr().err == "terminated\n"
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def _wait_for(seen: list) -> None:
+    deadline = time.monotonic() + 60
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_forked_processes_and_a_second_sigterm_get_the_previous_handler() -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+
+    def main(argv: list[str]) -> int:
+        child = os.fork()
+        if child == 0:  # a forked worker (a DataLoader's): its SIGTERM goes to the handler from before `run`
+            code = 1
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                _wait_for(seen)
+                code = 0 if seen == [signal.SIGTERM] else 1
+            finally:
+                os._exit(code)
+        assert os.waitpid(child, 0)[1] == 0 and seen == []
+        with pytest.raises(Terminated):
+            _terminate_self()
+        os.kill(os.getpid(), signal.SIGTERM)  # the second SIGTERM
+        _wait_for(seen)
+        return 0
+
+    try:
+        assert run(main, []) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cldm.logger import ImageLogger
+from cldm.processes import ProcessIdentity
 
 
 class Sampler(torch.nn.Module):
@@ -93,7 +94,8 @@ def test_frequency_and_disabling(tmp_path: Path) -> None:
 def test_training_start_removes_partial_grids_of_a_killed_run(tmp_path: Path) -> None:
     images = tmp_path / "image_log" / "train"
     images.mkdir(parents=True)
-    (images / ".samples_gs-000004_e-000000_b-000003.png.0a1b2c3d.tmp").write_bytes(b"half a png")
+    dead = ProcessIdentity(2**22 + 1, 0, ProcessIdentity.current().host)  # above Linux's largest pid
+    (images / f".samples_gs-000004_e-000000_b-000003.png.{dead.tag}.0a1b2c3d.tmp").write_bytes(b"half a png")
     (images / "samples_gs-000001_e-000000_b-000000.png").write_bytes(b"a png")
     ImageLogger().on_train_start(_trainer(tmp_path), Sampler())
     assert os.listdir(images) == ["samples_gs-000001_e-000000_b-000000.png"]

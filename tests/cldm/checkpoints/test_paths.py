@@ -39,6 +39,28 @@ def test_check_output_path_unwritable_folder(tmp_path: Path, monkeypatch: pytest
         folder.chmod(0o700)
 
 
+def test_check_output_path_replaces_only_a_folder_with_its_marker(tmp_path: Path) -> None:
+    def check(folder: Path) -> None:
+        check_output_path(folder, overwrite=True, folder=True, marker="made_by.json", kind="tool's folder",
+                          marker_fields={"tool": "ours"})
+
+    (tmp_path / "empty").mkdir()
+    check(tmp_path / "empty")
+    for name, marker in {"ours": '{"tool": "ours", "version": 2}', "theirs": '{"tool": "theirs"}',
+                         "broken": "{", "a list": "[]", "none": None}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.bin").write_bytes(b"x")
+        if marker is not None:
+            (tmp_path / name / "made_by.json").write_text(marker)
+    check(tmp_path / "ours")
+    for name in ("theirs", "broken", "a list"):
+        with pytest.raises(FileExistsError, match=f"'{tmp_path / name}' holds a made_by.json that is not a tool's "
+                                                  "folder's, so it is not replaced even with --overwrite"):
+            check(tmp_path / name)
+    with pytest.raises(FileExistsError, match="is not empty and holds no made_by.json; it is not a tool's folder, so"):
+        check(tmp_path / "none")
+
+
 def test_detect_path_kind(tmp_path: Path) -> None:
     (tmp_path / "model.ckpt").write_bytes(b"x")
     for marker in ("model_index.json", "config.json", "unet"):

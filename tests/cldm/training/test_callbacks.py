@@ -1,9 +1,10 @@
-"""Where `--resume_from_checkpoint last` finds the newest checkpoint of a run."""
+"""Where `--resume_from_checkpoint last` finds the newest checkpoint of a run; who handles SIGTERM during fit."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
-from cldm.training.callbacks import newest_checkpoint
+from cldm.training.callbacks import GracefulStop, newest_checkpoint
 
 
 def _touch(folder: Path, *names: str) -> None:
@@ -37,3 +38,20 @@ def test_a_dangling_link_is_skipped(tmp_path):
 def test_an_empty_or_missing_folder_has_none(tmp_path):
     assert newest_checkpoint(tmp_path) is None
     assert newest_checkpoint(tmp_path / "missing") is None
+
+
+def test_graceful_stop_leaves_sigterm_to_lightning_during_fit():
+    # Lightning's signal connector, installed after `setup`, calls the SIGTERM handler it finds as well as its own:
+    # cldm.cli.run's would end the process mid-step instead of after it, with a checkpoint.
+    def callers_handler(signum, frame):
+        raise AssertionError("not to be called")
+
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        stop = GracefulStop()
+        stop.setup(None, None, "fit")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        stop.teardown(None, None, "fit")
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

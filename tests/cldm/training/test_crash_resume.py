@@ -118,7 +118,7 @@ def test_sigkill_while_saving_keeps_the_previous_last_checkpoint_intact(runs) ->
     assert len(run.temporary_files) == 1 and run.temporary_files[0].startswith(".step-0000004.ckpt.")
     # The next run removes the partial file of the interrupted save.
     assert runs["interrupted"][3].temporary_files == []
-    assert "an incomplete checkpoint of an interrupted save" in runs["interrupted"][3].output
+    assert "the temporary file of a write whose process was killed" in runs["interrupted"][3].output
 
 
 def test_sigkill_during_image_logging(runs) -> None:
