@@ -46,7 +46,7 @@ from cldm.training.job import check_dataset
 from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
 
-from tiny_training import TINY_CONFIG, make_data, make_initial_weights
+from tiny_training import TINY_CONFIG, differing_tensors, make_data, make_initial_weights, train_in_stops
 from tests.helpers.paths import REPO_ROOT
 
 
@@ -129,6 +129,17 @@ def inputs(tmp_path_factory) -> Inputs:
         wide_initial=make_initial_weights(root / "control_wide_ini.ckpt", root / "wide.yaml"),
         data=make_data(root / "fill", 4), hint=hint,
     )
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(inputs: Inputs, tmp_path_factory) -> Path:
+    """The last.ckpt of a one-step tiny run on `inputs.data` (batch 2, seed 3, precision 32)."""
+    root = tmp_path_factory.mktemp("trained")
+    argv = ["--config", TINY, "--resume_path", inputs.initial, "--data_root", inputs.data, "--batch_size", "2",
+            "--accelerator", "cpu", "--default_root_dir", root, "--max_steps", "1", "--seed", "3",
+            "--log_max_images", "0"]
+    assert tutorial_train.main([str(arg) for arg in argv]) == 0
+    return root / "checkpoints" / "last.ckpt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,6 +746,16 @@ def _(inputs, tmp, monkeypatch):
                 f"'posix.system'", check=_nothing_created(inputs))
 
 
+@row("train-resume-other-config")
+def _(inputs, tmp, monkeypatch):
+    checkpoint = tmp / "tiny_run.ckpt"
+    torch.save({"state_dict": create_model(TINY).state_dict(), "global_step": 1, "loops": {}, "optimizer_states": []},
+               checkpoint)
+    wide = inputs.root / "wide.yaml"
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", checkpoint, "--config", wide),
+                f"--resume_from_checkpoint: checkpoint '{checkpoint}' does not fit config '{wide}': ")
+
+
 @row("train-disk-full-while-saving")
 def _(inputs, tmp, monkeypatch):
     monkeypatch.setattr(checkpoint_io.torch, "save", _fill_disk)
@@ -1082,10 +1103,58 @@ def test_row_sample_hint_of_any_size() -> None:
     assert hint.shape[0] % 64 == 0 and hint.shape[1] % 64 == 0
 
 
+def test_row_train_resume_after_max_steps(inputs: Inputs, tmp_path: Path) -> None:
+    # 4 batches of 2 per epoch. The run stopped by --max_steps 2 used to resume with the next epoch (154 tensors
+    # differed from the uninterrupted run).
+    data = make_data(tmp_path / "data", 8)
+    want = train_in_stops(inputs.initial, data, tmp_path / "straight", [4])
+    got = train_in_stops(inputs.initial, data, tmp_path / "stopped", [2, 4])
+    assert got["global_step"] == want["global_step"] == 4
+    assert differing_tensors(got, want) == []
+
+
+def _resumed_warnings(inputs: Inputs, checkpoint: Path, tmp: Path, *extra, data: Path | None = None) -> list[str]:
+    """The sentences about changed settings of a run resumed from `checkpoint` (at its last step: nothing trains)."""
+    argv = _train(inputs, tmp, "--resume_from_checkpoint", checkpoint, "--seed", "3", *extra, data=data)
+    with pytest.warns(UserWarning) as warned:
+        assert run(tutorial_train.main, [str(arg) for arg in argv]) == 0
+    return [str(warning.message) for warning in warned if "of the run in" in str(warning.message)]
+
+
+def test_row_train_resume_other_batch_size(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--batch_size", "1") == [
+        f"--batch_size 1 differs from the batch size 2 of the run in {run_checkpoint}; the data order continues from "
+        f"the same sample, in batches of 1"]
+
+
+def test_row_train_resume_other_seed(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--seed", "4") == [
+        f"--seed 4 differs from the seed 3 of the run in {run_checkpoint}; the run continues the checkpoint's random "
+        f"streams and data order, so --seed 4 is not used"]
+
+
+def test_row_train_resume_other_precision(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--precision", "bf16-mixed") == [
+        f"--precision bf16-mixed differs from the precision 32-true of the run in {run_checkpoint}; training "
+        f"continues in bf16-mixed"]
+
+
+def test_row_train_resume_other_data_set(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "data", 3)
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, data=data) == [
+        f"the data set's prompt.json differs from that of the run in {run_checkpoint} (3 items, was 4); the run "
+        f"continues the epoch from the same position in the new data set's order"]
+
+
 ACCEPTED_ROWS = {
     "train-grayscale-rgba-16bit-images": test_row_train_grayscale_rgba_16bit_images,
     "train-prompt-longer-than-77-tokens": test_row_train_prompt_longer_than_77_tokens,
     "sample-hint-of-any-size": test_row_sample_hint_of_any_size,
+    "train-resume-after-max-steps": test_row_train_resume_after_max_steps,
+    "train-resume-other-batch-size": test_row_train_resume_other_batch_size,
+    "train-resume-other-seed": test_row_train_resume_other_seed,
+    "train-resume-other-precision": test_row_train_resume_other_precision,
+    "train-resume-other-data-set": test_row_train_resume_other_data_set,
 }
 
 
