@@ -756,6 +756,19 @@ def _(inputs, tmp, monkeypatch):
                 f"--resume_from_checkpoint: checkpoint '{checkpoint}' does not fit config '{wide}': ")
 
 
+@row("train-resume-other-sd-locked")
+def _(inputs, tmp, monkeypatch):
+    checkpoint = tmp / "locked_run.ckpt"
+    settings = {"batch_size": 2, "seed": None, "precision": "32-true", "learning_rate": 1e-5, "sd_locked": True,
+                "items": 4, "prompt_json_sha256": ""}
+    torch.save({"state_dict": {}, "global_step": 1, "loops": {}, "optimizer_states": [],
+                "callbacks": {"RunSettings": settings}}, checkpoint)
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", checkpoint, "--no-sd_locked"),
+                f"--no-sd_locked trains other weights than the run in {checkpoint}, which trained with --sd_locked, so "
+                f"its optimizer state does not fit; resume with --sd_locked, or start a new run from its weights with "
+                f"--resume_path {checkpoint}")
+
+
 @row("train-disk-full-while-saving")
 def _(inputs, tmp, monkeypatch):
     monkeypatch.setattr(checkpoint_io.torch, "save", _fill_disk)
@@ -1139,6 +1152,12 @@ def test_row_train_resume_other_precision(inputs: Inputs, run_checkpoint: Path, 
         f"continues in bf16-mixed"]
 
 
+def test_row_train_resume_other_learning_rate(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--learning_rate", "2e-5") == [
+        f"--learning_rate 2e-05 differs from the learning rate 1e-05 of the run in {run_checkpoint}; the optimizer "
+        f"state restores 1e-05, so --learning_rate 2e-05 is not used"]
+
+
 def test_row_train_resume_other_data_set(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data", 3)
     assert _resumed_warnings(inputs, run_checkpoint, tmp_path, data=data) == [
@@ -1155,6 +1174,7 @@ ACCEPTED_ROWS = {
     "train-resume-other-seed": test_row_train_resume_other_seed,
     "train-resume-other-precision": test_row_train_resume_other_precision,
     "train-resume-other-data-set": test_row_train_resume_other_data_set,
+    "train-resume-other-learning-rate": test_row_train_resume_other_learning_rate,
 }
 
 

@@ -43,7 +43,7 @@ def _args(tmp_path: Path, checkpoint: Path | None, **flags) -> argparse.Namespac
     data.mkdir(exist_ok=True)
     if not (data / "prompt.json").exists():
         (data / "prompt.json").write_text(json.dumps({"source": "s.png", "target": "t.png", "prompt": "p"}) + "\n")
-    settings = dict(batch_size=2, seed=3, precision="32-true", data_root=str(data))
+    settings = dict(batch_size=2, seed=3, precision="32-true", learning_rate=1e-5, sd_locked=True, data_root=str(data))
     return argparse.Namespace(resume_from_checkpoint=None if checkpoint is None else str(checkpoint),
                               **{**settings, **flags})
 
@@ -62,6 +62,8 @@ def _checkpoint_with_settings(tmp_path: Path, settings: dict | None) -> Path:
                 "streams and data order, so --seed 5 is not used"),
     ("precision", "bf16-mixed", "--precision bf16-mixed differs from the precision 32-true of the run in {ckpt}; "
                                 "training continues in bf16-mixed"),
+    ("learning_rate", 2e-5, "--learning_rate 2e-05 differs from the learning rate 1e-05 of the run in {ckpt}; the "
+                            "optimizer state restores 1e-05, so --learning_rate 2e-05 is not used"),
 ])
 def test_each_changed_setting_gets_one_sentence(tmp_path: Path, flag: str, value, sentence: str) -> None:
     checkpoint = _checkpoint_with_settings(tmp_path, run_settings(_args(tmp_path, None), items=1))
@@ -103,3 +105,15 @@ def test_batch_size_max_is_not_compared_before_it_is_measured(tmp_path: Path, re
     args = _args(tmp_path, checkpoint, batch_size="max")
     check_resumed_settings(args, run_settings(args, items=1))
     assert len(recwarn) == 0
+
+
+@pytest.mark.parametrize("saved_locked,flag,then", [(True, "--no-sd_locked", "--sd_locked"),
+                                                    (False, "--sd_locked", "--no-sd_locked")])
+def test_another_sd_locked_is_refused(tmp_path: Path, saved_locked: bool, flag: str, then: str) -> None:
+    checkpoint = _checkpoint_with_settings(tmp_path, run_settings(_args(tmp_path, None, sd_locked=saved_locked), 1))
+    args = _args(tmp_path, checkpoint, sd_locked=not saved_locked)
+    with pytest.raises(ValueError) as error:
+        check_resumed_settings(args, run_settings(args, items=1))
+    assert str(error.value) == (
+        f"{flag} trains other weights than the run in {checkpoint}, which trained with {then}, so its optimizer "
+        f"state does not fit; resume with {then}, or start a new run from its weights with --resume_path {checkpoint}")
