@@ -55,7 +55,9 @@ from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
 
 from run_logs import training_rows, write_log
-from tiny_training import HELPERS, TINY_CONFIG, make_data, make_initial_weights, subprocess_env
+from tiny_training import (
+    HELPERS, TINY_CONFIG, differing_tensors, make_data, make_initial_weights, subprocess_env, train_in_stops,
+)
 from tests.helpers.paths import REPO_ROOT
 
 
@@ -138,6 +140,17 @@ def inputs(tmp_path_factory) -> Inputs:
         wide_initial=make_initial_weights(root / "control_wide_ini.ckpt", root / "wide.yaml"),
         data=make_data(root / "fill", 4), hint=hint,
     )
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(inputs: Inputs, tmp_path_factory) -> Path:
+    """The last.ckpt of a one-step tiny run on `inputs.data` (batch 2, seed 3, precision 32)."""
+    root = tmp_path_factory.mktemp("trained")
+    argv = ["--config", TINY, "--resume_path", inputs.initial, "--data_root", inputs.data, "--batch_size", "2",
+            "--accelerator", "cpu", "--default_root_dir", root, "--max_steps", "1", "--seed", "3",
+            "--log_max_images", "0"]
+    assert tutorial_train.main([str(arg) for arg in argv]) == 0
+    return root / "checkpoints" / "last.ckpt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,6 +775,29 @@ def _(inputs, tmp, monkeypatch):
     return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", inputs.evil),
                 f"--resume_from_checkpoint: checkpoint '{inputs.evil}' was refused because it would import "
                 f"'posix.system'", check=_nothing_created(inputs))
+
+
+@row("train-resume-other-config")
+def _(inputs, tmp, monkeypatch):
+    checkpoint = tmp / "tiny_run.ckpt"
+    torch.save({"state_dict": create_model(TINY).state_dict(), "global_step": 1, "loops": {}, "optimizer_states": []},
+               checkpoint)
+    wide = inputs.root / "wide.yaml"
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", checkpoint, "--config", wide),
+                f"--resume_from_checkpoint: checkpoint '{checkpoint}' does not fit config '{wide}': ")
+
+
+@row("train-resume-other-sd-locked")
+def _(inputs, tmp, monkeypatch):
+    checkpoint = tmp / "locked_run.ckpt"
+    settings = {"batch_size": 2, "seed": None, "precision": "32-true", "learning_rate": 1e-5, "sd_locked": True,
+                "items": 4, "prompt_json_sha256": ""}
+    torch.save({"state_dict": {}, "global_step": 1, "loops": {}, "optimizer_states": [],
+                "callbacks": {"RunSettings": settings}}, checkpoint)
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resume_from_checkpoint", checkpoint, "--no-sd_locked"),
+                f"--no-sd_locked trains other weights than the run in {checkpoint}, which trained with --sd_locked, so "
+                f"its optimizer state does not fit; resume with --sd_locked, or start a new run from its weights with "
+                f"--resume_path {checkpoint}")
 
 
 @row("train-disk-full-while-saving")
@@ -1395,6 +1431,55 @@ def test_row_train_second_run_logs(inputs: Inputs, tmp_path: Path) -> None:
     assert (logs / "version_1" / "metrics.csv").is_file()
 
 
+def test_row_train_resume_after_max_steps(inputs: Inputs, tmp_path: Path) -> None:
+    # 4 batches of 2 per epoch. The run stopped by --max_steps 2 used to resume with the next epoch (154 tensors
+    # differed from the uninterrupted run).
+    data = make_data(tmp_path / "data", 8)
+    want = train_in_stops(inputs.initial, data, tmp_path / "straight", [4])
+    got = train_in_stops(inputs.initial, data, tmp_path / "stopped", [2, 4])
+    assert got["global_step"] == want["global_step"] == 4
+    assert differing_tensors(got, want) == []
+
+
+def _resumed_warnings(inputs: Inputs, checkpoint: Path, tmp: Path, *extra, data: Path | None = None) -> list[str]:
+    """The sentences about changed settings of a run resumed from `checkpoint` (at its last step: nothing trains)."""
+    argv = _train(inputs, tmp, "--resume_from_checkpoint", checkpoint, "--seed", "3", *extra, data=data)
+    with pytest.warns(UserWarning) as warned:
+        assert run(tutorial_train.main, [str(arg) for arg in argv]) == 0
+    return [str(warning.message) for warning in warned if "of the run in" in str(warning.message)]
+
+
+def test_row_train_resume_other_batch_size(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--batch_size", "1") == [
+        f"--batch_size 1 differs from the batch size 2 of the run in {run_checkpoint}; the data order continues from "
+        f"the same sample, in batches of 1"]
+
+
+def test_row_train_resume_other_seed(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--seed", "4") == [
+        f"--seed 4 differs from the seed 3 of the run in {run_checkpoint}; the run continues the checkpoint's random "
+        f"streams and data order, so --seed 4 is not used"]
+
+
+def test_row_train_resume_other_precision(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--precision", "bf16-mixed") == [
+        f"--precision bf16-mixed differs from the precision 32-true of the run in {run_checkpoint}; training "
+        f"continues in bf16-mixed"]
+
+
+def test_row_train_resume_other_learning_rate(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--learning_rate", "2e-5") == [
+        f"--learning_rate 2e-05 differs from the learning rate 1e-05 of the run in {run_checkpoint}; the optimizer "
+        f"state restores 1e-05, so --learning_rate 2e-05 is not used"]
+
+
+def test_row_train_resume_other_data_set(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "data", 3)
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, data=data) == [
+        f"the data set's prompt.json differs from that of the run in {run_checkpoint} (3 items, was 4); the run "
+        f"continues the epoch from the same position in the new data set's order"]
+
+
 ACCEPTED_ROWS = {
     "fill50k-force-replaces-its-own-data-set": test_row_fill50k_force_replaces_its_own_data_set,
     "tool-killed-mid-write": test_row_tool_killed_mid_write,
@@ -1404,6 +1489,12 @@ ACCEPTED_ROWS = {
     "train-prompt-longer-than-77-tokens": test_row_train_prompt_longer_than_77_tokens,
     "sample-hint-of-any-size": test_row_sample_hint_of_any_size,
     "train-second-run-logs": test_row_train_second_run_logs,
+    "train-resume-after-max-steps": test_row_train_resume_after_max_steps,
+    "train-resume-other-batch-size": test_row_train_resume_other_batch_size,
+    "train-resume-other-seed": test_row_train_resume_other_seed,
+    "train-resume-other-precision": test_row_train_resume_other_precision,
+    "train-resume-other-data-set": test_row_train_resume_other_data_set,
+    "train-resume-other-learning-rate": test_row_train_resume_other_learning_rate,
 }
 
 

@@ -8,9 +8,15 @@ uninterrupted one would. Under DDP Lightning wraps the sampler and gives each ra
 The sampler yields `Visit`s, which tell the data set which visit of a sample it serves, so that random choices
 per visit (prompt dropout) can be a function of (seed, epoch, index) too: the same after a resume and for any
 number of DataLoader workers or ranks.
+
+Lightning's own loop state resumes exactly only from a checkpoint saved in the middle of an epoch. A checkpoint saved
+after its last batch, or after `max_steps` cut the epoch short (Lightning then closes the epoch anyway), would make
+a run resumed with `max_steps` skip the rest of that epoch or the whole next one; `resumable_loop_state` rewrites
+such loop states, on load, into the ones Lightning resumes correctly.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -63,8 +69,36 @@ class ResumableRandomSampler(Sampler[Visit]):
         self.epoch, self.start = (epoch + 1, 0) if samples_done >= self.length else (epoch, samples_done)
 
 
+def resumable_loop_state(fit_loop: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the fit loop state `fit_loop` (the checkpoint's `loops["fit_loop"]`) in a form Lightning resumes
+    exactly:
+
+    - an epoch that Lightning closed before its last batch (a run stopped by `max_steps`) is open again, as in a
+      checkpoint saved in the middle of the epoch;
+    - an epoch whose last batch is done is closed, with no batch of the next epoch counted: Lightning, resuming from
+      its last batch, would close the epoch but not start the next one, and resuming from a closed epoch with
+      `max_steps` set it would count the batches of the finished epoch in the next one.
+    """
+    state = copy.deepcopy(fit_loop)
+    epochs, batches = state["epoch_progress"], state["epoch_loop.batch_progress"]
+    closed = epochs["total"]["processed"] == epochs["total"]["started"]
+    if closed and not batches["is_last_batch"]:
+        for counts in epochs.values():
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+    elif batches["is_last_batch"]:
+        if not closed:  # saved at the end of the last batch, before Lightning counted it as completed
+            state["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
+            batches["total"]["completed"] = batches["total"]["processed"]
+        for counts in epochs.values():
+            counts["processed"] = counts["completed"] = counts["started"]
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+    return state
+
+
 class DataOrderCheckpoint(Callback):
-    """Saves the sampler's seed and the position in the current epoch in checkpoints; restores them on resume.
+    """Saves the sampler's seed and the position in the current epoch in checkpoints; restores them on resume, with
+    Lightning's loop state made to agree (`resumable_loop_state`).
 
     Args:
         sampler: the sampler of the training DataLoader.
@@ -76,6 +110,10 @@ class DataOrderCheckpoint(Callback):
         self.sampler = sampler
         self.batch_size = batch_size
         self._trainer: pl.Trainer | None = None
+        # After a resume with another batch size: the epoch resumed in, and its samples done that Lightning's count
+        # of batches of `batch_size` leaves out.
+        self._resumed_epoch: int | None = None
+        self._uncounted_samples = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -87,8 +125,33 @@ class DataOrderCheckpoint(Callback):
         # The epoch in progress is the last one started: after a run stopped by max_steps in the middle of
         # an epoch, Lightning already counts that epoch in `current_epoch`.
         epoch = max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
-        return {"seed": self.sampler.seed, "epoch": epoch,
-                "samples_done": batches_done * self.batch_size * trainer.world_size}
+        samples_done = batches_done * self.batch_size * trainer.world_size
+        if epoch == self._resumed_epoch:
+            samples_done += self._uncounted_samples
+        return {"seed": self.sampler.seed, "epoch": epoch, "samples_done": samples_done,
+                "batch_size": self.batch_size}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Called before Lightning restores its loops from the same dictionary.
+        loops = checkpoint["loops"]
+        loops["fit_loop"] = resumable_loop_state(loops["fit_loop"])
+        order = checkpoint.get("callbacks", {}).get(self.state_key)
+        if order is not None and order.get("batch_size", self.batch_size) != self.batch_size:
+            self._count_in_batches_of_this_run(loops["fit_loop"], order, trainer.world_size)
+
+    def _count_in_batches_of_this_run(self, fit_loop: dict[str, Any], order: dict[str, Any], world_size: int) -> None:
+        """Make Lightning's count of the batches done in the resumed epoch one in batches of this run's size, so
+        that the epoch ends when the sampler has served its remaining samples."""
+        samples_per_batch = self.batch_size * world_size
+        if order["samples_done"] >= self.sampler.length:
+            return  # resumed at the end of an epoch: no batch of the next one is counted
+        batches = fit_loop["epoch_loop.batch_progress"]
+        change = order["samples_done"] // samples_per_batch - batches["current"]["processed"]
+        for counts in batches["total"], batches["current"]:
+            for name in counts:
+                counts[name] += change
+        self._resumed_epoch, self._uncounted_samples = order["epoch"], order["samples_done"] % samples_per_batch
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sampler.resume(state_dict["seed"], state_dict["epoch"], state_dict["samples_done"])

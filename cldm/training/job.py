@@ -26,7 +26,7 @@ from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
 from cldm.data.latent_cache import LatentCache
 from cldm.logger import ImageLogger
-from cldm.model import create_model, load_state_dict, load_weights
+from cldm.model import check_weights_fit, create_model, load_state_dict, load_weights
 from cldm.training.arguments import (
     CHECKPOINT_DIRNAME,
     IMAGE_SIZE_MULTIPLE,
@@ -47,6 +47,7 @@ from cldm.training.callbacks import (
 from cldm.training.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
 from cldm.training.run_lock import run_lock
+from cldm.training.resume import RunSettings, check_resumed_settings, run_settings
 from cldm.training.speed import apply_speed_options
 from ldm.checkpoint import read_checkpoint
 
@@ -69,6 +70,18 @@ def _load_initial_weights(model: pl.LightningModule, args: argparse.Namespace) -
     load_weights(model, state_dict, source=args.resume_path, config=args.config)
 
 
+def _resumed_weights(model: pl.LightningModule, args: argparse.Namespace) -> Mapping[str, torch.Tensor]:
+    """The weights of `--resume_from_checkpoint` (memory-mapped), checked to fit the model of `--config` as the
+    initial weights are, before Lightning loads them."""
+    weights = read_checkpoint(args.resume_from_checkpoint)["state_dict"]
+    try:
+        check_weights_fit(model.state_dict(), weights, source=args.resume_from_checkpoint, config=args.config)
+    except ValueError as error:
+        raise ValueError(f"--resume_from_checkpoint: {error}; resume with the --config the run was started with "
+                         f"or start a new run") from error
+    return weights
+
+
 def use_latent_cache(model: pl.LightningModule, cache: LatentCache, weights: Mapping[str, torch.Tensor]) -> None:
     """Check that `cache` fits `model` (whose VAE encoder and text encoder hold `weights`) and give the model the
     cached empty-prompt embedding for guided image logs."""
@@ -86,9 +99,10 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
                          only_mid_control=args.only_mid_control, optimizer_factory=optimizer_factory)
     if args.resume_from_checkpoint is None:
         _load_initial_weights(model, args)
+        weights = model.state_dict()
+    else:
+        weights = _resumed_weights(model, args)
     if args.latent_cache is not None:  # checked against the weights before any speed option converts them
-        resumed = args.resume_from_checkpoint is not None
-        weights = read_checkpoint(args.resume_from_checkpoint)["state_dict"] if resumed else model.state_dict()
         use_latent_cache(model, LatentCache.open(args.latent_cache), weights)
     if args.gradient_checkpointing is not None:
         model.model.diffusion_model.set_gradient_checkpointing(args.gradient_checkpointing)
@@ -182,9 +196,9 @@ def build_loggers(root: str) -> list:
 
 
 def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -> list[pl.Callback]:
-    """Guards, exact-resume state, image logs, step checkpoints, learning rate and throughput monitors, and a
-    tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning would pick Rich's
-    bar, in it/s, whenever `rich` happens to be installed)."""
+    """Guards, exact-resume state, the run's settings, image logs, step checkpoints, learning rate and throughput
+    monitors, and a tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning
+    would pick Rich's bar, in it/s, whenever `rich` happens to be installed)."""
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
                                log_images_kwargs={"ddim_steps": args.log_ddim_steps})
@@ -196,8 +210,9 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
     cached_encoders = [CachedEncodersOnCPU()] if args.latent_cache is not None else []
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite,
                                check_before_backward=args.optimizer_in_backward), RandomStateCheckpoint(),
-            DataOrderCheckpoint(sampler, args.batch_size), GracefulStop(), image_logger, checkpoints,
-            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar(), *cached_encoders]
+            DataOrderCheckpoint(sampler, args.batch_size), RunSettings(run_settings(args, sampler.length)),
+            GracefulStop(), image_logger, checkpoints, LearningRateMonitor(logging_interval="step"), throughput,
+            TQDMProgressBar(), *cached_encoders]
 
 
 def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:
@@ -245,10 +260,13 @@ def train(args: argparse.Namespace) -> int:
     # The frozen VAE and text encoder are in eval mode by design; FLOPs are not needed for samples/s.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")
+    # DataOrderCheckpoint resumes the data order mid-epoch, which Lightning cannot see in the DataLoader.
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
     dataset = build_dataset(args)
+    check_resumed_settings(args, run_settings(args, len(dataset)))
     model = build_model(args)
     resolve_batch_size(args, model, dataset)
     dataloader = build_dataloader(args, dataset, on_gpu=uses_gpu(args))

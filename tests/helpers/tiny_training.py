@@ -8,9 +8,11 @@ import torch
 from omegaconf import OmegaConf
 
 import tool_make_fill50k
+import tutorial_train
 from cldm.model import create_model
 from cldm.checkpoints.surgery import add_control
 from cldm.checkpoints.random_weights import random_base_state_dict
+from ldm.checkpoint import read_checkpoint
 from tests.helpers.paths import REPO_ROOT, TINY_CONFIG
 
 
@@ -54,3 +56,22 @@ def subprocess_env() -> dict[str, str]:
     """Environment of training subprocesses: the repository and the helpers importable, one thread each
     (the same numerics in every process, and two processes can share two cores)."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HELPERS)]), "OMP_NUM_THREADS": "1"}
+
+
+def train_in_stops(initial: Path, data: Path, root: Path, stops: list[int], *extra: str) -> dict:
+    """Train with `--max_steps` set to each of `stops` in turn, each run resuming the previous one's last.ckpt; the
+    last checkpoint."""
+    for index, max_steps in enumerate(stops):
+        resume = ("--resume_from_checkpoint", "last") if index else ()
+        argv = train_args(initial, data, root, "--max_steps", str(max_steps), "--logger_freq", "1000", *resume, *extra)
+        assert tutorial_train.main(argv) == 0
+    return read_checkpoint(root / "checkpoints" / "last.ckpt", mmap=False)
+
+
+def differing_tensors(got: dict, want: dict) -> list[str]:
+    """The weights and optimizer-state tensors of two training checkpoints that are not exactly equal."""
+    weights = [key for key, value in want["state_dict"].items() if not torch.equal(got["state_dict"][key], value)]
+    (got_state,), (want_state,) = got["optimizer_states"], want["optimizer_states"]
+    moments = [f"optimizer {key}.{name}" for key, state in want_state["state"].items() for name, value in state.items()
+               if not torch.equal(got_state["state"][key][name], value)]
+    return weights + moments

@@ -90,9 +90,8 @@ def test_training_writes_images_metrics_and_a_strictly_loadable_checkpoint(initi
 
 @pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(initial_weights, data20, tmp_path):
-    # 20 samples / batch 4: the first run stops at an epoch boundary. (A run stopped by --max_steps in the
-    # middle of an epoch counts that epoch as finished in Lightning and resumes with the next one; runs
-    # interrupted by a signal or a crash resume exactly mid-epoch: tests/test_crash_resume.py.)
+    # 20 samples / batch 4: the first run stops at an epoch boundary. (Runs stopped by --max_steps mid-epoch:
+    # tests/cldm/training/test_resume.py; runs interrupted by a signal or a crash: test_crash_resume.py.)
     first_steps = 5
     common = ("--logger_freq", "1000", "--checkpoint_every_n_steps", "5")
     straight = tmp_path / "straight"
