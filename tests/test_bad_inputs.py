@@ -777,6 +777,19 @@ def _(inputs, tmp, monkeypatch):
                 f"'posix.system'", check=_nothing_created(inputs))
 
 
+@row("train-new-run-over-earlier-checkpoints")
+def _(inputs, tmp, monkeypatch):
+    earlier = tmp / "run" / "checkpoints" / "step-0000300.ckpt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's weights")
+    def unchanged() -> None:
+        assert earlier.read_bytes() == b"an earlier run's weights"
+    return Case(tutorial_train.main, _train(inputs, tmp),
+                f"--default_root_dir {tmp / 'run'} holds the checkpoints of an earlier run (the newest is {earlier}), "
+                "which a new run would replace; continue that run with --resume_from_checkpoint last, or choose "
+                "another --default_root_dir", check=unchanged)
+
+
 @row("train-resume-other-config")
 def _(inputs, tmp, monkeypatch):
     checkpoint = tmp / "tiny_run.ckpt"

@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -43,6 +44,7 @@ from cldm.training.callbacks import (
     NonFiniteLossGuard,
     RandomStateCheckpoint,
     StepCheckpoint,
+    newest_checkpoint,
 )
 from cldm.training.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
@@ -252,7 +254,20 @@ def main(argv: Sequence[str] | None, defaults: Mapping[str, Any], description: s
     """Parse, check, and train while holding the lock of `--default_root_dir` (one run per folder)."""
     args = check_args(build_parser(defaults, description).parse_args(argv))
     with run_lock(args.default_root_dir):
+        check_new_run_folder(args)
         return train(args)
+
+
+def check_new_run_folder(args: argparse.Namespace) -> None:
+    """Refuse to start a new run (no `--resume_from_checkpoint`) in a `--default_root_dir` that holds an earlier
+    run's checkpoints, which the new run's would replace; checked while holding the folder's lock."""
+    if args.resume_from_checkpoint is not None:
+        return
+    newest = newest_checkpoint(Path(args.default_root_dir, CHECKPOINT_DIRNAME))
+    if newest is not None:
+        raise FileExistsError(f"--default_root_dir {args.default_root_dir} holds the checkpoints of an earlier run "
+                              f"(the newest is {newest}), which a new run would replace; continue that run with "
+                              f"--resume_from_checkpoint last, or choose another --default_root_dir")
 
 
 def train(args: argparse.Namespace) -> int:
