@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from cldm.checkpoints.initial_weights import DEFAULT_CONFIGS, SCRIPTS, make_initial_checkpoint
 from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 
 
@@ -23,12 +24,14 @@ def build_parser(base: str) -> argparse.ArgumentParser:
         description=f"Add a ControlNet, initialised from the UNet encoder, to {BASE_MODEL_DESCRIPTIONS[base]}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("input_path", help="Stable Diffusion checkpoint (.ckpt, .pth or .safetensors)")
-    parser.add_argument("output_path", help="new ControlNet checkpoint; .safetensors or .ckpt/.pth by extension")
-    parser.add_argument("--config", default=DEFAULT_CONFIGS[base], help="ControlLDM model config (yaml)")
+    parser.add_argument("input_path", type=flags.path, help="Stable Diffusion checkpoint (.ckpt, .pth or .safetensors)")
+    parser.add_argument("output_path", type=flags.path,
+                        help="new ControlNet checkpoint; .safetensors or .ckpt/.pth by extension")
+    parser.add_argument("--config", type=flags.path, default=DEFAULT_CONFIGS[base],
+                        help="ControlLDM model config (yaml)")
     parser.add_argument(
         "--seed",
-        type=int,
+        type=flags.seed,
         default=None,
         help="seed for the newly initialised hint-encoder weights; None leaves them unseeded, as the original",
     )

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.data.latent_cache import STORAGE_DTYPES
@@ -28,21 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "tutorial_train.py --latent_cache.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default="./models/cldm_v15.yaml", help="model config (yaml), as for training")
-    parser.add_argument("--resume_path", default="./models/control_sd15_ini.ckpt",
+    parser.add_argument("--config", type=flags.path, default="./models/cldm_v15.yaml",
+                        help="model config (yaml), as for training")
+    parser.add_argument("--resume_path", type=flags.path, default="./models/control_sd15_ini.ckpt",
                         help="the weights training starts from (their VAE encoder and text encoder are used)")
-    parser.add_argument("--data_root", default="./training/fill50k", help="folder with prompt.json and the images")
-    parser.add_argument("--resolution", type=int, default=None,
+    parser.add_argument("--data_root", type=flags.path, default="./training/fill50k",
+                        help="folder with prompt.json and the images")
+    parser.add_argument("--resolution", type=flags.positive_int, default=None,
                         help="resize the targets to this size, as training's --resolution (which must be the same)")
     parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="refuse an image whose header gives more pixels than this (8192x8192), as training does")
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(STORAGE_DTYPES),
                         help="stored dtype of the latent moments and the text embeddings")
-    parser.add_argument("--batch_size", type=int, default=32, help="images or prompts encoded at once")
-    parser.add_argument("--num_workers", type=int, default=None,
+    parser.add_argument("--batch_size", type=flags.positive_int, default=32, help="images or prompts encoded at once")
+    parser.add_argument("--num_workers", type=flags.worker_count, default=None,
                         help="DataLoader worker processes reading images (default: 4 on a GPU, 0 on the CPU)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default=None, help="cache folder (default: <data_root>/latent_cache)")
+    parser.add_argument("--device", type=flags.device, default=None,
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", type=flags.path, default=None, help="cache folder (default: <data_root>/latent_cache)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache (never another folder)")
     add_debug_argument(parser)
     return parser

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from cldm.checkpoints.diffusers_export import export_diffusers
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 
 
@@ -23,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write ControlNet weights as a diffusers ControlNetModel folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("input_path", help="ControlLDM checkpoint or control-only weights (.ckpt, .pth, .safetensors)")
-    parser.add_argument("output_dir", help="new diffusers model folder")
-    parser.add_argument("--config", default="./models/cldm_v15.yaml",
+    parser.add_argument("input_path", type=flags.path,
+                        help="ControlLDM checkpoint or control-only weights (.ckpt, .pth, .safetensors)")
+    parser.add_argument("output_dir", type=flags.path, help="new diffusers model folder")
+    parser.add_argument("--config", type=flags.path, default="./models/cldm_v15.yaml",
                         help="ControlLDM config (yaml) whose ControlNet the weights fit")
     parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

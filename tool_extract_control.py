@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from cldm.checkpoints.extraction import OUTPUT_SUFFIX, extract_control_file
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 
 
@@ -22,13 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep only the ControlNet weights (control_model.*) of a ControlLDM checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("input_path", help="ControlLDM checkpoint: training .ckpt, released .pth or .safetensors")
+    parser.add_argument("input_path", type=flags.path,
+                        help="ControlLDM checkpoint: training .ckpt, released .pth or .safetensors")
     parser.add_argument(
-        "output_path", nargs="?", default=None,
+        "output_path", type=flags.path, nargs="?", default=None,
         help=f"control-only weights, .safetensors or .ckpt/.pth by extension (default: <input stem>{OUTPUT_SUFFIX})",
     )
     parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", type=flags.path, default=None,
                         help="ControlLDM config (yaml) whose ControlNet the weights must fit exactly (optional check)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_debug_argument(parser)

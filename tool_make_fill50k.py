@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from cldm import flags
 from cldm.cli import run
 from cldm.data.fill50k import generate_fill50k
 
@@ -16,11 +17,12 @@ from cldm.data.fill50k import generate_fill50k
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags; the defaults reproduce the published data set's size and format."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="training/fill50k", help="data set folder to create")
+    parser.add_argument("--out", type=flags.path, default="training/fill50k", help="data set folder to create")
     parser.add_argument("--count", type=int, default=50_000, help="number of (source, target, prompt) items")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8, at least 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing and writing")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, flags.MAX_PROCESSES),
+                        help="processes drawing and writing")
     parser.add_argument("--force", action="store_true",
                         help="replace --out if this tool made it (never another folder)")
     parser.add_argument("--quiet", action="store_true", help="hide the progress bar")

@@ -13,18 +13,26 @@ import sys
 from collections.abc import Sequence
 
 from cldm.checkpoints.random_weights import random_base_state_dict, randomize_, write_random_sd
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 
 __all__ = ["main", "random_base_state_dict", "randomize_"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Command line of the writer."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", help="checkpoint to write (.ckpt, .pth or .safetensors)")
-    parser.add_argument("--config", default="./models/cldm_tiny.yaml", help="model config (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    parser.add_argument("output", type=flags.path, help="checkpoint to write (.ckpt, .pth or .safetensors)")
+    parser.add_argument("--config", type=flags.path, default="./models/cldm_tiny.yaml",
+                        help="model config (default: %(default)s)")
+    parser.add_argument("--seed", type=flags.seed, default=0, help="seed of the random weights (default: %(default)s)")
     add_debug_argument(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the random checkpoint."""
+    args = build_parser().parse_args(argv)
     write_random_sd(args.output, args.config, args.seed)
     return 0
 

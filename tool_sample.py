@@ -12,10 +12,10 @@ import random
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 
+from cldm import flags
 from cldm.cli import add_debug_argument, run
-from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, check_resolution_pixels
 from cldm.sampling import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -26,7 +26,9 @@ from cldm.sampling import (
     weight_sources,
 )
 
-MAX_SEED = 2**32 - 1
+# Images sampled in one batch; the apps' slider stops at 12.
+MAX_SAMPLES = 100
+_seed = flags.integer(0, flags.SEED_MAX, sentinel=-1, sentinel_meaning="pick one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,25 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_weight_arguments(parser)
-    parser.add_argument("--hint", required=True, help="hint image (edges, pose, ...); resized as the apps do")
+    parser.add_argument("--hint", type=flags.path, required=True,
+                        help="hint image (edges, pose, ...); resized as the apps do")
     parser.add_argument("--prompt", default="", help="text prompt")
     parser.add_argument("--a_prompt", default=DEFAULT_A_PROMPT, help="added prompt, appended after ', '")
     parser.add_argument("--n_prompt", default=DEFAULT_N_PROMPT, help="negative prompt")
-    parser.add_argument("--num_samples", type=int, default=1, help="images to sample")
-    parser.add_argument("--ddim_steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
-    parser.add_argument("--strength", type=float, default=1.0, help="control strength (scales every residual)")
+    parser.add_argument("--num_samples", type=flags.integer(1, MAX_SAMPLES), default=1, help="images to sample")
+    parser.add_argument("--ddim_steps", type=flags.ddim_steps, default=20, help="DDIM steps")
+    parser.add_argument("--scale", type=flags.non_negative_finite_float, default=9.0,
+                        help="classifier-free guidance scale")
+    parser.add_argument("--strength", type=flags.non_negative_finite_float, default=1.0,
+                        help="control strength (scales every residual)")
     parser.add_argument("--guess_mode", action="store_true", help="guess mode: no control in the negative pass, "
                         "residuals decaying towards the shallow blocks (try 50 steps and scale 3-5)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
-    parser.add_argument("--seed", type=int, default=-1, help="random seed; -1 picks one in [0, 65535]")
-    parser.add_argument("--resolution", type=int, default=512, help="short side of the hint, in pixels")
+    parser.add_argument("--eta", type=flags.non_negative_finite_float, default=0.0,
+                        help="DDIM eta (0: deterministic given the seed)")
+    parser.add_argument("--seed", type=_seed, default=-1,
+                        help="random seed; -1 picks one in [0, 65535]")
+    parser.add_argument("--resolution", type=flags.positive_int, default=512, help="short side of the hint, in pixels")
     parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="refuse a hint whose header gives more pixels than this, before decoding it (8192x8192)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
                         help="32: float32; bf16 / 16: autocast (16 on CUDA only)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default="samples.png", help="grid PNG; the single images go next to it")
+    parser.add_argument("--device", type=flags.device, default=None,
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", type=flags.path, default="samples.png",
+                        help="grid PNG; the single images go next to it")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing output files (--out and its single images)")
     add_debug_argument(parser)
@@ -63,19 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse values the sampler cannot use."""
-    positive = {"--num_samples": args.num_samples, "--ddim_steps": args.ddim_steps, "--resolution": args.resolution}
-    for flag, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    if args.ddim_steps > 1000:
-        raise ValueError(f"--ddim_steps must be at most 1000 (the diffusion timesteps), got {args.ddim_steps}")
-    for flag, value in {"--strength": args.strength, "--eta": args.eta, "--scale": args.scale}.items():
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    """Refuse combinations of values the sampler cannot use (each flag's own range is checked by its type)."""
     check_pixel_limit(args.max_image_pixels, "--max_image_pixels")
-    if not -1 <= args.seed <= MAX_SEED:
-        raise ValueError(f"--seed must be -1 or in [0, {MAX_SEED}], got {args.seed}")
+    check_resolution_pixels(args.resolution, args.max_image_pixels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from cldm.checkpoints.transfer import transfer_control_file
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 
 # The original's hard-coded paths, in positional order.
@@ -36,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tool_transfer_control.py",
         description="Transfer a ControlNet from base SD1.5 to a fine-tuned SD1.5 model (offset method).",
     )
-    parser.add_argument("paths", nargs="*", metavar="PATH", help="sd15 control input output, in this order")
+    parser.add_argument("paths", type=flags.path, nargs="*", metavar="PATH",
+                        help="sd15 control input output, in this order")
     for name, default in DEFAULT_PATHS.items():
-        parser.add_argument(f"--{name}", default=None, help=f"{HELP[name]} (default: {default})")
+        parser.add_argument(f"--{name}", type=flags.path, default=None, help=f"{HELP[name]} (default: {default})")
     add_debug_argument(parser)
     return parser
 

@@ -4,15 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cldm import flags
 from tutorial_dataset import MyDataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", type=flags.path, default="./training/fill50k",
+                        help="data set folder holding prompt.json")
+    parser.add_argument("--index", type=flags.non_negative_int, default=1234, help="item to print")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Load the data set at --root and print item --index; returns the exit code (2 for user errors)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", default="./training/fill50k", help="data set folder holding prompt.json")
-    parser.add_argument("--index", type=int, default=1234, help="item to print")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         dataset = MyDataset(root=args.root)
         if not 0 <= args.index < len(dataset):

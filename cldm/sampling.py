@@ -18,6 +18,7 @@ from einops import rearrange
 from PIL import Image
 from pytorch_lightning import seed_everything
 
+from cldm import flags
 from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, CONTROL_PREFIX, detect_base_model
 from cldm.checkpoints.atomic import atomic_write
 from cldm.checkpoints.paths import check_output_path
@@ -318,10 +319,14 @@ class WeightSources(NamedTuple):
 
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that name the weights: --config, and --ckpt or --base with --control."""
-    parser.add_argument("--config", default="./models/cldm_v15.yaml", help="ControlLDM model config (yaml)")
-    parser.add_argument("--ckpt", help="full ControlLDM checkpoint (training output or released control_sd15_*.pth)")
-    parser.add_argument("--base", help="Stable Diffusion checkpoint, used with --control instead of --ckpt")
-    parser.add_argument("--control", help="control-only weights (tool_extract_control.py), used with --base")
+    parser.add_argument("--config", type=flags.path, default="./models/cldm_v15.yaml",
+                        help="ControlLDM model config (yaml)")
+    parser.add_argument("--ckpt", type=flags.path,
+                        help="full ControlLDM checkpoint (training output or released control_sd15_*.pth)")
+    parser.add_argument("--base", type=flags.path,
+                        help="Stable Diffusion checkpoint, used with --control instead of --ckpt")
+    parser.add_argument("--control", type=flags.path,
+                        help="control-only weights (tool_extract_control.py), used with --base")
 
 
 def weight_sources(args: argparse.Namespace) -> WeightSources:

@@ -49,8 +49,11 @@ from cldm.cli import run
 from cldm.model import create_model
 from cldm.checkpoints.surgery import add_control
 from cldm.sampling import prepare_hint
-from cldm.training.job import check_dataset
+from cldm.training.job import build_callbacks, check_dataset
 from cldm.training.run_lock import run_lock
+from cldm.training.arguments import SINGLE_DEVICE_DEFAULTS, build_parser
+from cldm.data.data_order import ResumableRandomSampler
+from cldm.logger import ImageLogger
 from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
 
@@ -1301,6 +1304,93 @@ def _(inputs, tmp, monkeypatch):
                 f"output '{existing}' already exists; choose another name or delete it first")
 
 
+# Flag values (every script; the flags' types are in cldm/flags.py) ------------------------------------
+
+@row("add-path-empty-or-nul")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add("", tmp / "out.ckpt"),
+                "argument input_path: must be a path, got an empty string")
+
+
+@row("add-seed-out-of-range")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_add_control.main, _add(inputs.sd1, tmp / "out.ckpt", "--seed", 2**70),
+                f"argument --seed: must be a whole number between 0 and 4294967295, got {2**70}")
+
+
+@row("fill50k-number-too-large")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_fill50k.main, ["--out", tmp / "fill", "--count", 10**30, "--quiet"],
+                f"count must be at most 10000000 (the records are held in memory), got {10**30}.")
+
+
+# Training flags whose value argparse refuses: the row, the flag and value, the sentence.
+_TRAIN_FLAG_ROWS = {
+    "train-count-out-of-range": (("--logger_freq", "0"), "argument --logger_freq/--logger-freq: must be a whole "
+                                 "number between 1 and 9223372036854775807, got 0"),
+    "train-max-steps-out-of-range": (("--max_steps", "-5"), "argument --max_steps/--max-steps: must be -1 (no limit) "
+                                     "or a whole number between 1 and 9223372036854775807, got -5"),
+    "train-learning-rate-not-finite": (("--learning_rate", "nan"), "argument --learning_rate/--learning-rate: must "
+                                       "be a finite number greater than 0, got nan"),
+    "train-seed-out-of-range": (("--seed", "-1"), "argument --seed: must be a whole number between 0 and "
+                                "4294967295, got -1"),
+    "train-gradient-clip-not-positive": (("--gradient_clip_val", "-1"), "argument --gradient_clip_val/"
+                                         "--gradient-clip-val: must be a finite number greater than 0, got -1; leave "
+                                         "the flag out to train without clipping"),
+    "train-prompt-dropout-not-a-probability": (("--prompt_dropout", "nan"), "argument --prompt_dropout/"
+                                               "--prompt-dropout: must be a number between 0 and 1, got nan"),
+    "train-processes-out-of-range": (("--num_workers", "1000000"), "argument --num_workers/--num-workers: must be a "
+                                     "whole number between 0 and 256, got 1000000"),
+    "train-log-ddim-steps-out-of-range": (("--log_ddim_steps", "5000"), "argument --log_ddim_steps/"
+                                          "--log-ddim-steps: must be a whole number between 1 and 1000, got 5000"),
+    "train-path-empty": (("--config", ""), "argument --config: must be a path, got an empty string"),
+}
+for _row_id, (_extra, _expected) in _TRAIN_FLAG_ROWS.items():
+    row(_row_id)(lambda inputs, tmp, monkeypatch, extra=_extra, expected=_expected:
+                 Case(tutorial_train.main, _train(inputs, tmp, *extra), expected))
+
+
+@row("train-resolution-too-large")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resolution", "65536"),
+                "--resolution 65536 makes images of 65536x65536 px, more than the 67108864 pixels allowed; use a "
+                "smaller --resolution or raise --max_image_pixels")
+
+
+@row("train-num-nodes-without-launcher")
+def _(inputs, tmp, monkeypatch):
+    for name in ("NODE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "LSB_JOBID"):
+        monkeypatch.delenv(name, raising=False)
+    return Case(tutorial_train.main, _train(inputs, tmp, "--num_nodes", "2"),
+                "--num_nodes 2 needs a launcher that starts the script on every node (torchrun, SLURM, LSF or MPI, "
+                "or NODE_RANK set by hand) and none started this one, so it would wait for the other nodes; use a "
+                "launcher or --num_nodes 1")
+
+
+@row("sample-number-not-finite")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_sample.main, _sample(inputs, tmp, "--scale", "nan"),
+                "argument --scale: must be a finite number at least 0, got nan")
+
+
+@row("sample-seed-out-of-range")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_sample.main, _sample(inputs, tmp, "--seed", "-2"),
+                "argument --seed: must be -1 (pick one) or a whole number between 0 and 4294967295, got -2")
+
+
+@row("sample-count-out-of-range")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_sample.main, _sample(inputs, tmp, "--num_samples", "1000"),
+                "argument --num_samples: must be a whole number between 1 and 100, got 1000")
+
+
+@row("cache-device-unknown")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_cache_latents.main, _cache(inputs, inputs.data, "--device", "tpu", "--out", tmp / "cache"),
+                "argument --device: must be cpu, cuda or cuda:N, got tpu")
+
+
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
     files = {}
@@ -1493,11 +1583,25 @@ def test_row_train_resume_other_data_set(inputs: Inputs, run_checkpoint: Path, t
         f"continues the epoch from the same position in the new data set's order"]
 
 
+def test_row_train_log_max_images_zero(tmp_path: Path, caplog) -> None:
+    args = build_parser(SINGLE_DEVICE_DEFAULTS, "train").parse_args(["--log_max_images", "0"])
+    with caplog.at_level("INFO"):
+        callbacks = build_callbacks(args, ResumableRandomSampler(4, 0))
+    image_logger, = [callback for callback in callbacks if isinstance(callback, ImageLogger)]
+
+    class Module:
+        def log_images(self, *args, **kwargs):
+            raise AssertionError("image logging is off, yet it sampled")
+    image_logger.log_img(None, Module(), batch={}, batch_idx=0)
+    assert "--log_max_images 0: image logging is off" in caplog.text
+
+
 ACCEPTED_ROWS = {
     "fill50k-force-replaces-its-own-data-set": test_row_fill50k_force_replaces_its_own_data_set,
     "tool-killed-mid-write": test_row_tool_killed_mid_write,
     "tool-writing-into-the-same-folder": test_row_tool_writing_into_the_same_folder,
     "tool-terminated-mid-write": test_row_tool_terminated_mid_write,
+    "train-log-max-images-zero": test_row_train_log_max_images_zero,
     "train-grayscale-rgba-16bit-images": test_row_train_grayscale_rgba_16bit_images,
     "train-prompt-longer-than-77-tokens": test_row_train_prompt_longer_than_77_tokens,
     "sample-hint-of-any-size": test_row_sample_hint_of_any_size,

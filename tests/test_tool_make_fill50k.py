@@ -254,6 +254,10 @@ def test_failure_while_writing_prompt_file_leaves_nothing(tmp_path, monkeypatch)
         (["--size", "100"], "size must be a multiple of 8 and at least 64, got 100."),
         (["--workers", "0"], "workers must be at least 1, got 0."),
         (["--seed", "-1"], "seed must be zero or positive, got -1."),
+        (["--count", str(10**30)], f"count must be at most 10000000 (the records are held in memory), got {10**30}."),
+        (["--size", "8200"], "size must be at most 8192 (the largest images training reads), got 8200."),
+        (["--seed", str(2**32)], f"seed must be at most 4294967295, got {2**32}."),
+        (["--workers", "257"], "workers must be at most 256 (each is a process), got 257."),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, capsys, flags, message):

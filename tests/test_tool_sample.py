@@ -192,7 +192,8 @@ def test_bad_inputs_give_a_clear_message_and_write_nothing(tmp_path, files, caps
     assert "give either --ckpt" in _fails(base, capsys)
     assert "looks like" in _fails([*base, "--base", str(files["base"]), "--control", str(files["full"])], capsys)
     assert "not supported on cpu" in _fails([*base, *ckpt, "--precision", "16", "--device", "cpu"], capsys)
-    assert "--ddim_steps must be at least 1" in _fails([*base, *ckpt, "--ddim_steps", "0"], capsys)
+    assert "argument --ddim_steps: must be a whole number between 1 and 1000, got 0" in _fails(
+        [*base, *ckpt, "--ddim_steps", "0"], capsys)
     assert "must be a .png file" in _fails([*base, *ckpt, "--out", str(tmp_path / "x.jpg")], capsys)
     assert sorted(tmp_path.iterdir()) == before
     assert (tmp_path / "taken_0.png").read_bytes() == b"keep"

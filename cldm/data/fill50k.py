@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cldm.checkpoints.atomic import atomic_path
 from cldm.checkpoints.paths import check_output_path
+from cldm.flags import MAX_PROCESSES, SEED_MAX
 
 logger = logging.getLogger(__name__)
 # The file that marks a folder as a data set of this generator (hidden: training reads only prompt.json).
@@ -201,6 +202,10 @@ def parse_prompt(prompt: str) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------------------------
 
 MIN_SIZE = 64
+# Training reads images of at most 8192x8192 px by default (--max_image_pixels).
+MAX_SIZE = 8192
+# The generator holds one record per item in memory (Fill50K has 50,000).
+MAX_COUNT = 10_000_000
 OUTLINE_BGR = (255, 255, 255)
 OUTLINE_THICKNESS = 2
 # Fast settings: a level-1 zlib stream without PNG row filters suits these flat images.
@@ -333,12 +338,20 @@ def check_arguments(out: Path, count: int, size: int, seed: int, workers: int, f
     """Raise a one-sentence error for any argument that `generate_fill50k` cannot honour."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}.")
+    if count > MAX_COUNT:
+        raise ValueError(f"count must be at most {MAX_COUNT} (the records are held in memory), got {count}.")
     if size < MIN_SIZE or size % 8:
         raise ValueError(f"size must be a multiple of 8 and at least {MIN_SIZE}, got {size}.")
+    if size > MAX_SIZE:
+        raise ValueError(f"size must be at most {MAX_SIZE} (the largest images training reads), got {size}.")
     if seed < 0:
         raise ValueError(f"seed must be zero or positive, got {seed}.")
+    if seed > SEED_MAX:
+        raise ValueError(f"seed must be at most {SEED_MAX}, got {seed}.")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}.")
+    if workers > MAX_PROCESSES:
+        raise ValueError(f"workers must be at most {MAX_PROCESSES} (each is a process), got {workers}.")
     if force and (out / "prompt.json").is_file() and not (out / MARKER_NAME).is_file():
         raise FileExistsError(f"output folder '{out}' holds a data set that tool_make_fill50k.py did not make (it has "
                               f"no {MARKER_NAME}; the unzipped fill50k.zip, say), so it is not replaced even with "

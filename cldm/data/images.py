@@ -53,6 +53,13 @@ def check_pixel_limit(max_pixels: int, flag: str) -> None:
                          f"got {max_pixels}")
 
 
+def check_resolution_pixels(resolution: int | None, max_pixels: int) -> None:
+    """Refuse a `--resolution` whose square images would have more pixels than an image may have."""
+    if resolution is not None and resolution * resolution > max_pixels:
+        raise ValueError(f"--resolution {resolution} makes images of {resolution}x{resolution} px, more than the "
+                         f"{max_pixels} pixels allowed; use a smaller --resolution or raise --max_image_pixels")
+
+
 def header_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) from the file's header, nothing decoded; raises `UnreadableImageError` or
     `TooManyPixelsError`."""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from cldm.checkpoints.atomic import atomic_path
 from cldm.checkpoints.paths import check_output_path
 from cldm.data.dataset import MyDataset
-from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, check_resolution_pixels
 from cldm.data.latent_cache import (
     EMBEDDINGS_NAME,
     FORMAT_NAME,
@@ -143,6 +143,7 @@ def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, 
     if resolution is not None and (resolution <= 0 or resolution % 64):
         raise ValueError(f"--resolution must be a positive multiple of 64, got {resolution}")
     check_pixel_limit(max_image_pixels, "--max_image_pixels")
+    check_resolution_pixels(resolution, max_image_pixels)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     num_workers = num_workers if num_workers is not None else (4 if device.type == "cuda" else 0)
     out = Path(out) if out is not None else default_cache_folder(data_root)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                    TorchElasticEnvironment)
 
+from cldm import flags
 from cldm.checkpoints.paths import check_run_folder
-from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, check_resolution_pixels
 from cldm.data.latent_cache import default_cache_folder
 from cldm.training.batch_probe import MAX_BATCH
 from cldm.training.callbacks import newest_checkpoint
@@ -49,8 +53,13 @@ CHECKPOINT_DIRNAME = "checkpoints"
 TRAINING_CHECKPOINT_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
 # DataLoader workers per GPU by default (pinned memory and persistent workers come with them).
 MAX_GPU_WORKERS = 4
+# The launchers Lightning detects for multi-node runs, as it looks for them.
+CLUSTER_ENVIRONMENTS = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment)
 # Image sides must be multiples of this: the VAE downsamples 8x and the UNet three more times.
 IMAGE_SIZE_MULTIPLE = 64
+# Flags with their own sentinels or fixes; the others use the shared types of cldm.flags as they are.
+_max_steps = flags.integer(1, sentinel=-1, sentinel_meaning="no limit")
+_gradient_clip_val = flags.real(0.0, low_open=True, fix="leave the flag out to train without clipping")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,14 +82,21 @@ def _batch_size(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"'{value}' is neither a number nor '{MAX_BATCH}'") from None
 
 
+def _latent_cache(text: str) -> str:
+    """A latent cache folder, or "" (the bare flag, whose constant argparse passes through here too) for
+    <data_root>/latent_cache."""
+    return flags.path(text) if text else text
+
+
 def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.ArgumentParser:
     """The training CLI; every default is the original script's constant."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
-    _flag(model, "config", default=defaults["config"], help="model config (yaml, target/params)")
-    _flag(model, "resume_path", default=defaults["resume_path"],
+    _flag(model, "config", type=flags.path, default=defaults["config"], help="model config (yaml, target/params)")
+    _flag(model, "resume_path", type=flags.path, default=defaults["resume_path"],
           help="initial weights: a full ControlLDM checkpoint made by tool_add_control.py")
-    _flag(model, "learning_rate", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
+    _flag(model, "learning_rate", type=flags.positive_finite_float, default=defaults["learning_rate"],
+          help="AdamW learning rate")
     _flag(model, "sd_locked", action=argparse.BooleanOptionalAction, default=defaults["sd_locked"],
           help="keep the Stable Diffusion decoder frozen (--no-sd_locked also trains output blocks and out)")
     _flag(model, "only_mid_control", action=argparse.BooleanOptionalAction, default=defaults["only_mid_control"],
@@ -114,42 +130,52 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
                "at once (one device; not with gradient accumulation, clipping, 16-mixed or --skip_nonfinite)")
 
     data = parser.add_argument_group("data")
-    _flag(data, "data_root", default="./training/fill50k", help="folder with prompt.json, source/ and target/")
-    _flag(data, "resolution", type=int, default=None, help="resize images to this size (multiple of 64)")
+    _flag(data, "data_root", type=flags.path, default="./training/fill50k",
+          help="folder with prompt.json, source/ and target/")
+    _flag(data, "resolution", type=flags.positive_int, default=None, help="resize images to this size (multiple of 64)")
     _flag(data, "max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
           help="refuse an image whose header gives more pixels than this, before decoding it (default: 8192x8192)")
     _flag(data, "batch_size", type=_batch_size, default=defaults["batch_size"],
           help=f"samples per device per step; '{MAX_BATCH}': the largest whose step fits in the GPU's memory, "
                "found by trying the step before training (one GPU)")
-    _flag(data, "num_workers", type=int, default=defaults["num_workers"],
+    _flag(data, "num_workers", type=flags.worker_count, default=defaults["num_workers"],
           help=f"DataLoader worker processes (default: 0 on CPU as the original, up to {MAX_GPU_WORKERS} per GPU)")
-    _flag(data, "prompt_dropout", type=float, default=0.0, help="probability of training with an empty prompt")
-    _flag(data, "latent_cache", nargs="?", const="", default=None,
+    _flag(data, "prompt_dropout", type=flags.probability, default=0.0,
+          help="probability of training with an empty prompt")
+    _flag(data, "latent_cache", type=_latent_cache, nargs="?", const="", default=None,
           help="train from the latents and prompt embeddings that tool_cache_latents.py stored in this folder "
                "(the bare flag: <data_root>/latent_cache), without running the VAE encoder or the text encoder")
 
     run = parser.add_argument_group("run")
-    _flag(run, "max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
-    _flag(run, "max_epochs", type=int, default=defaults["max_epochs"], help="stop after this many epochs")
-    _flag(run, "seed", type=int, default=None, help="seed everything (model noise, data order, workers)")
-    _flag(run, "accumulate_grad_batches", type=int, default=1, help="batches per optimizer step")
-    _flag(run, "gradient_clip_val", type=float, default=None, help="clip the gradient norm to this value")
+    _flag(run, "max_steps", type=_max_steps, default=-1, help="stop after this many optimizer steps (-1: no limit)")
+    _flag(run, "max_epochs", type=flags.positive_int, default=defaults["max_epochs"],
+          help="stop after this many epochs")
+    _flag(run, "seed", type=flags.seed, default=None, help="seed everything (model noise, data order, workers)")
+    _flag(run, "accumulate_grad_batches", type=flags.positive_int, default=1, help="batches per optimizer step")
+    _flag(run, "gradient_clip_val", type=_gradient_clip_val, default=None,
+          help="clip the gradient norm to this value (default: no clipping)")
     _flag(run, "precision", default=defaults["precision"], help="32, bf16-mixed or 16-mixed")
     _flag(run, "accelerator", default="auto", help="auto, gpu or cpu")
-    _flag(run, "devices", type=int, default=defaults["devices"], help="devices (GPUs or CPU processes) per node")
-    _flag(run, "num_nodes", type=int, default=defaults["num_nodes"], help="nodes (torchrun / SLURM launches)")
+    _flag(run, "devices", type=flags.process_count, default=defaults["devices"],
+          help="devices (GPUs or CPU processes) per node")
+    _flag(run, "num_nodes", type=flags.positive_int, default=defaults["num_nodes"],
+          help="nodes (torchrun / SLURM launches)")
     _flag(run, "strategy", default=defaults["strategy"], help="Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2")
-    _flag(run, "default_root_dir", default=".", help="where logs, image_log/ and checkpoints/ go")
+    _flag(run, "default_root_dir", type=flags.path, default=".", help="where logs, image_log/ and checkpoints/ go")
     _flag(run, "skip_nonfinite", action="store_true", help="skip batches with a NaN/inf loss instead of stopping")
 
     outputs = parser.add_argument_group("checkpoints and logs")
-    _flag(outputs, "checkpoint_every_n_steps", type=int, default=1000, help="save a checkpoint every N steps")
-    _flag(outputs, "keep_last_k", type=int, default=3, help="step checkpoints to keep (last.ckpt links to the newest)")
-    _flag(outputs, "resume_from_checkpoint", default=None,
+    _flag(outputs, "checkpoint_every_n_steps", type=flags.positive_int, default=1000,
+          help="save a checkpoint every N steps")
+    _flag(outputs, "keep_last_k", type=flags.positive_int, default=3,
+          help="step checkpoints to keep (last.ckpt links to the newest)")
+    _flag(outputs, "resume_from_checkpoint", type=flags.path, default=None,
           help="continue an interrupted run from this Lightning checkpoint ('last' finds the newest)")
-    _flag(outputs, "logger_freq", type=int, default=defaults["logger_freq"], help="log image grids every N batches")
-    _flag(outputs, "log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
-    _flag(outputs, "log_max_images", type=int, default=4, help="images per logged grid")
+    _flag(outputs, "logger_freq", type=flags.positive_int, default=defaults["logger_freq"],
+          help="log image grids every N batches")
+    _flag(outputs, "log_ddim_steps", type=flags.ddim_steps, default=50, help="DDIM steps of the logged samples")
+    _flag(outputs, "log_max_images", type=flags.non_negative_int, default=4,
+          help="images per logged grid (0: no image logging, as the original's ImageLogger)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     return parser
 
@@ -157,13 +183,6 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
 # ---------------------------------------------------------------------------------------------
 # Checks of the arguments, before any heavy work
 # ---------------------------------------------------------------------------------------------
-
-def _check_positive(name: str, value: int | float | None, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ValueError(f"--{name} must be a positive number, got {value}")
-
 
 def _resolve_resume(value: str | None, root: str) -> str | None:
     """The checkpoint to resume from; 'last' means the newest in `<root>/checkpoints/`."""
@@ -222,6 +241,17 @@ def _check_hardware(args: argparse.Namespace) -> None:
         raise ValueError("--precision 16-mixed needs a GPU; use bf16-mixed or 32 on the CPU")
 
 
+def _check_num_nodes(args: argparse.Namespace) -> None:
+    """More than one node needs a launcher that starts this script on every node; without one the run would wait
+    for the other nodes until the rendezvous times out."""
+    if args.num_nodes == 1 or "NODE_RANK" in os.environ:  # NODE_RANK: started by hand on each node
+        return
+    if not any(environment.detect() for environment in CLUSTER_ENVIRONMENTS):
+        raise ValueError(f"--num_nodes {args.num_nodes} needs a launcher that starts the script on every node "
+                         "(torchrun, SLURM, LSF or MPI, or NODE_RANK set by hand) and none started this one, so it "
+                         "would wait for the other nodes; use a launcher or --num_nodes 1")
+
+
 def _resolve_device_defaults(args: argparse.Namespace) -> None:
     """Fill in the speed defaults that differ between GPUs and the CPU, each the one measured faster there; the
     original's choices (float32 weights, the config's checkpointing) stay wherever a run is not mixed-precision
@@ -271,22 +301,16 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision '{args.precision}' is not one of 32, bf16-mixed, 16-mixed")
     args.precision = PRECISIONS[args.precision]
-    if args.batch_size != MAX_BATCH:
-        _check_positive("batch_size", args.batch_size, allow_none=False)
-    for name in ("logger_freq", "devices", "num_nodes", "accumulate_grad_batches",
-                 "checkpoint_every_n_steps", "keep_last_k", "log_ddim_steps", "learning_rate"):
-        _check_positive(name, getattr(args, name), allow_none=False)
-    _check_positive("max_epochs", args.max_epochs)
-    if args.num_workers is not None and args.num_workers < 0:
-        raise ValueError(f"--num_workers must be 0 or more, got {args.num_workers}")
-    if not 0.0 <= args.prompt_dropout <= 1.0:
-        raise ValueError(f"--prompt_dropout must be in [0, 1], got {args.prompt_dropout}")
+    if args.batch_size != MAX_BATCH and args.batch_size <= 0:
+        raise ValueError(f"--batch_size must be a positive number, got {args.batch_size}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
     check_pixel_limit(args.max_image_pixels, "--max_image_pixels")
+    check_resolution_pixels(args.resolution, args.max_image_pixels)
     if args.latent_cache == "":
         args.latent_cache = str(default_cache_folder(args.data_root))
     _check_hardware(args)
+    _check_num_nodes(args)
     _resolve_device_defaults(args)
     if args.frozen_dtype != "float32" and args.precision == "32-true":
         raise ValueError(f"--frozen_dtype {args.frozen_dtype} needs --precision bf16-mixed or 16-mixed "

@@ -202,6 +202,8 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
     monitors, and a tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning
     would pick Rich's bar, in it/s, whenever `rich` happens to be installed)."""
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
+    if args.log_max_images == 0:
+        rank_zero_info("--log_max_images 0: image logging is off")
     image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
                                log_images_kwargs={"ddim_steps": args.log_ddim_steps})
     checkpoints = StepCheckpoint(
