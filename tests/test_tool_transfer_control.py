@@ -179,7 +179,8 @@ def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
     """The three inputs at the tiny config's full layout: a base in the release layout (`state_dict` wrapper), a
     trained ControlNet (every weight random) and a fine-tune, as .safetensors."""
     folder = tmp_path_factory.mktemp("tiny")
-    paths = {"sd15": folder / "base.ckpt", "control": folder / "control.safetensors", "input": folder / "fine.safetensors"}
+    paths = {"sd15": folder / "base.ckpt", "control": folder / "control.safetensors",
+             "input": folder / "fine.safetensors"}
     torch.save({"state_dict": random_base_state_dict(str(TINY_CONFIG), seed=0), "global_step": 1}, paths["sd15"])
     save_state_dict(randomize_(create_model(TINY_CONFIG), seed=1).state_dict(), paths["control"])
     save_state_dict(random_base_state_dict(str(TINY_CONFIG), seed=2), paths["input"])

@@ -44,7 +44,7 @@ from cldm.training.callbacks import (
     RandomStateCheckpoint,
     StepCheckpoint,
 )
-from cldm.training.host_memory import retain_freed_host_memory
+from cldm.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
 from cldm.training.speed import apply_speed_options
 from ldm.checkpoint import read_checkpoint
