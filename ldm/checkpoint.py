@@ -227,7 +227,8 @@ class StateDictReader(Mapping[str, torch.Tensor]):
     `meta` holds every key's shape and dtype (tensors on the meta device) for cheap inspection. Looking a key up
     reads that tensor into memory of its own, which is freed with the tensor: code that keeps only what it needs
     holds only that, and the file's pages do not stay mapped into the process as a memory-mapped read's do.
-    Every lookup reads the file again.
+    Every lookup reads the file again. (A legacy, non-zip torch file is read whole when opened, and lookups return
+    its tensors.)
     """
 
     def __init__(self, meta: dict[str, torch.Tensor], read: Callable[[str], torch.Tensor]) -> None:
