@@ -15,6 +15,7 @@ from cldm.checkpoints.initial_weights import DEFAULT_CONFIGS, SCRIPTS, make_init
 from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS
 from cldm import flags
 from cldm.cli import add_debug_argument, run
+from cldm.host_memory import return_freed_host_memory
 
 
 def build_parser(base: str) -> argparse.ArgumentParser:
@@ -42,6 +43,7 @@ def build_parser(base: str) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, base: str = "sd1") -> int:
     """Add a ControlNet to a Stable Diffusion `base` checkpoint and save it."""
     args = build_parser(base).parse_args(argv)
+    return_freed_host_memory()  # the input tensors this process frees would otherwise stay resident
     make_initial_checkpoint(args.input_path, args.output_path, args.config, base=base, seed=args.seed)
     return 0
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from cldm.checkpoints.transfer import transfer_control_file
 from cldm import flags
 from cldm.cli import add_debug_argument, run
+from cldm.host_memory import return_freed_host_memory
 
 # The original's hard-coded paths, in positional order.
 DEFAULT_PATHS = {
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Transfer the ControlNet and save the result."""
     parser = build_parser()
     paths = _resolve_paths(parser, parser.parse_args(argv))
+    return_freed_host_memory()  # the input tensors this process frees would otherwise stay resident
     transfer_control_file(**paths)
     return 0
 

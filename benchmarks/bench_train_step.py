@@ -5,7 +5,7 @@ yaml, so the parameter counts match), lock the UNet, and run forward, backward a
 batch. Each measurement runs in its own process (peak RSS is per side on CPU), one process at a time, in
 alternating order over `--rounds`; the table shows the median step time, FLOPs per step counted with
 `torch.utils.flop_counter`, the achieved FLOP/s against a matmul peak measured here, and peak memory. On the
-CPU, ours keeps freed host memory in the process as `tutorial_train.py` does there (`cldm.training.host_memory`);
+CPU, ours keeps freed host memory in the process as `tutorial_train.py` does there (`cldm.host_memory`);
 `--variant release-host-memory` adds ours without that, `--diffusers-retaining-host-memory` diffusers with it.
 
 Run from the repository root:
@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cldm.training.host_memory import retain_freed_host_memory
+from cldm.host_memory import retain_freed_host_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = "models/cldm_v15.yaml"

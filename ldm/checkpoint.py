@@ -1,4 +1,5 @@
-"""Reading checkpoint files (.safetensors, .ckpt, .pth) without running pickled code, with one-sentence errors."""
+"""Reading checkpoint files (.safetensors, .ckpt, .pth) without running pickled code, with one-sentence errors:
+whole (`read_state_dict`) or one tensor at a time (`open_state_dict`)."""
 from __future__ import annotations
 
 import errno
@@ -8,12 +9,12 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,15 @@ def _tensors_only(state_dict: Mapping[Any, Any], path: Path) -> dict[str, torch.
     return tensors
 
 
+def _check_not_empty(path: PathLike) -> Path:
+    """`path` as a Path, once it is known to be an existing, readable, non-empty file."""
+    path = Path(path)
+    check_input_path(path)
+    if path.stat().st_size == 0:
+        raise _not_a_checkpoint(path, "the file is empty")
+    return path
+
+
 def read_checkpoint(path: PathLike, location: str | torch.device = "cpu", mmap: bool = True) -> Any:
     """Everything a .safetensors/.ckpt/.pth file holds, read without running pickled code.
 
@@ -180,10 +190,7 @@ def read_checkpoint(path: PathLike, location: str | torch.device = "cpu", mmap: 
         location: device the tensors are loaded to.
         mmap: memory-map the tensors of zip-format torch files instead of reading them (cheap to inspect).
     """
-    path = Path(path)
-    check_input_path(path)
-    if path.stat().st_size == 0:
-        raise _not_a_checkpoint(path, "the file is empty")
+    path = _check_not_empty(path)
     if path.suffix.lower() == SAFETENSORS_SUFFIX:
         return _read_safetensors(path, location)
     return _read_torch_checkpoint(path, location, mmap)
@@ -199,3 +206,102 @@ def read_state_dict(path: PathLike, location: str | torch.device = "cpu") -> dic
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"checkpoint '{path}' has a 'state_dict' entry that is a {type(state_dict).__name__}")
     return _tensors_only(state_dict, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one tensor at a time
+# ---------------------------------------------------------------------------------------------
+
+# The dtype names of the safetensors format (its header's "dtype" field).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class StateDictReader(Mapping[str, torch.Tensor]):
+    """The tensors of a checkpoint file, read from the file one at a time.
+
+    `meta` holds every key's shape and dtype (tensors on the meta device) for cheap inspection. Looking a key up
+    reads that tensor into memory of its own, which is freed with the tensor: code that keeps only what it needs
+    holds only that, and the file's pages do not stay mapped into the process as a memory-mapped read's do.
+    Every lookup reads the file again. (A legacy, non-zip torch file is read whole when opened, and lookups return
+    its tensors.)
+    """
+
+    def __init__(self, meta: dict[str, torch.Tensor], read: Callable[[str], torch.Tensor]) -> None:
+        self.meta = meta
+        self._read = read
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.meta:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.meta)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+def _open_safetensors(path: Path) -> StateDictReader:
+    """Header now, each tensor by `pread` when looked up (safetensors' "pread" backend)."""
+    try:
+        file = safe_open(path, framework="pt", device="cpu", backend="pread")
+        meta = {}
+        for key in file.offset_keys():  # the order load_file gives (that of the data)
+            tensor_slice = file.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
+            if dtype is None:
+                raise _not_a_checkpoint(path, f"tensor '{key}' has the unknown dtype '{tensor_slice.get_dtype()}'")
+            meta[key] = torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
+    except SafetensorError as error:
+        raise _not_a_checkpoint(path, str(error)) from error
+
+    def read(key: str) -> torch.Tensor:
+        try:
+            return file.get_tensor(key)
+        except SafetensorError as error:
+            raise _not_a_checkpoint(path, str(error)) from error
+
+    return StateDictReader(_tensors_only(meta, path), read)
+
+
+def _read_stored_tensor(path: Path, meta: torch.Tensor) -> torch.Tensor:
+    """The tensor that `meta` (loaded with map_location="meta") describes, read from its storage's record in the
+    zip file `path`."""
+    storage = meta.untyped_storage()
+    nbytes = storage.nbytes()
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    with open(path, "rb") as file:
+        file.seek(storage._checkpoint_offset)  # where torch.load(map_location="meta") found the record's bytes
+        read = file.readinto(data.numpy()) if nbytes else 0
+    if read != nbytes:
+        raise _not_a_checkpoint(path, f"the file ends inside the data of a tensor of shape {list(meta.shape)}")
+    return torch.empty(0, dtype=meta.dtype).set_(data.untyped_storage(), meta.storage_offset(), meta.shape,
+                                                 meta.stride())
+
+
+def _open_torch_checkpoint(path: Path) -> StateDictReader:
+    """Keys, shapes and record offsets now (a meta-device load), each tensor's bytes when looked up; a legacy
+    (non-zip) torch file cannot be read in parts and is read whole."""
+    if not zipfile.is_zipfile(path):
+        state_dict = read_state_dict(path)
+        return StateDictReader({key: value.to("meta") for key, value in state_dict.items()}, state_dict.__getitem__)
+    meta = read_state_dict(path, location="meta")
+    return StateDictReader(meta, lambda key: _read_stored_tensor(path, meta[key]))
+
+
+def open_state_dict(path: PathLike) -> StateDictReader:
+    """The flat state dict of a .safetensors/.ckpt/.pth file as a `StateDictReader`: its keys, shapes and dtypes
+    read now, each tensor read from the file when it is looked up (on the CPU, no pickled code run)."""
+    path = _check_not_empty(path)
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return _open_safetensors(path)
+    return _open_torch_checkpoint(path)

@@ -357,6 +357,12 @@ def _(inputs, tmp, monkeypatch):
                 f"--input '{inputs.sd2_keys}' looks like a Stable Diffusion 2.x model; pass a fine-tune of")
 
 
+@row("transfer-truncated-input")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_transfer_control.main, _transfer(inputs, tmp, input=inputs.truncated_safetensors),
+                f"checkpoint '{inputs.truncated_safetensors}' is truncated or not a checkpoint")
+
+
 @row("transfer-path-given-twice")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_transfer_control.main, [inputs.sd1_keys, "--sd15", inputs.sd1_keys],

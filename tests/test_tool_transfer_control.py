@@ -9,9 +9,14 @@ import torch
 
 import tool_transfer_control
 from ldm import checkpoint as checkpoint_io
+from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.checkpoints.saving import save_state_dict
-from ldm.checkpoint import read_state_dict
+from cldm.checkpoints.surgery import transfer_control
 from cldm.cli import run
+from cldm.model import create_model
+from ldm.checkpoint import read_state_dict
+from tests.helpers.paths import TINY_CONFIG
+from tests.helpers.random_weights import randomize_
 
 UNET_TO_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 CONTROL_TO_K = UNET_TO_K.replace("model.diffusion_model.", "control_model.")
@@ -167,3 +172,33 @@ def test_usage_errors(inputs, capsys) -> None:
     assert "expected at most 4 paths" in capsys.readouterr().err
     assert run(tool_transfer_control.main, ["--help"]) == 0
     assert "./models/control_sd15_openpose.pth" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
+    """The three inputs at the tiny config's full layout: a base in the release layout (`state_dict` wrapper), a
+    trained ControlNet (every weight random) and a fine-tune, as .safetensors."""
+    folder = tmp_path_factory.mktemp("tiny")
+    paths = {"sd15": folder / "base.ckpt", "control": folder / "control.safetensors",
+             "input": folder / "fine.safetensors"}
+    torch.save({"state_dict": random_base_state_dict(str(TINY_CONFIG), seed=0), "global_step": 1}, paths["sd15"])
+    save_state_dict(randomize_(create_model(TINY_CONFIG), seed=1).state_dict(), paths["control"])
+    save_state_dict(random_base_state_dict(str(TINY_CONFIG), seed=2), paths["input"])
+    return paths
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_streamed_transfer_equals_the_whole_state_dict_transfer(tiny_inputs, tmp_path, capsys, suffix: str) -> None:
+    # Before streaming, the tool read the three files whole and saved transfer_control's result: that is the
+    # reference, byte for byte (a .ckpt holds a random serialization id, so there: the same tensors in order).
+    output, reference = tmp_path / f"streamed{suffix}", tmp_path / f"whole{suffix}"
+    assert _invoke([*tiny_inputs.values(), output], capsys) == (0, "")
+    whole = {name: read_state_dict(path) for name, path in tiny_inputs.items()}
+    save_state_dict(transfer_control(whole["control"], whole["sd15"], whole["input"]), reference)
+    if suffix == ".safetensors":
+        assert output.read_bytes() == reference.read_bytes()
+    saved, expected = read_state_dict(output), read_state_dict(reference)
+    assert list(saved) == list(expected)
+    for key, tensor in expected.items():
+        assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key
+    create_model(TINY_CONFIG).load_state_dict(saved, strict=True)

@@ -3,9 +3,9 @@ encoder (what tool_add_control.py and tool_add_control_sd21.py run).
 
 The hint encoder, zero convolutions and middle-block output are newly initialised (zero convolutions are zero).
 
-Memory: the model is built on the meta device (keys and shapes only), the input is memory-mapped, the copied tensors
-are the input's own (the ControlNet's copies are clones) and only the ControlNet is built for the new weights, so
-the peak is about the output's size rather than input + model + output.
+Memory: the model is built on the meta device (keys and shapes only), only the ControlNet is built for the new
+weights (before anything else is read), and the input is read one tensor at a time, only the tensors the output
+uses, so the peak is about the output's size rather than input + model + output.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from cldm.checkpoints.paths import check_output_path, checkpoint_format
 from cldm.checkpoints.saving import save_state_dict
 from cldm.checkpoints.surgery import add_control, control_source_key
 from cldm.model import check_config_path, check_weights_fit, create_control_model, create_model, model_state_shapes
-from ldm.checkpoint import PathLike, check_input_path, read_state_dict
+from ldm.checkpoint import PathLike, check_input_path, open_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +97,21 @@ def make_initial_checkpoint(input_path: PathLike, output_path: PathLike, config:
     checkpoint_format(output_path)
     check_output_path(output_path)
 
-    # 2. read the base model and make sure it is the right one
-    base_state_dict = read_state_dict(input_path)
-    _check_base_model(detect_base_model(base_state_dict), base, input_path)
+    # 2. open the base model (keys and shapes; tensors are read when used) and make sure it is the right one
+    base_state_dict = open_state_dict(input_path)
+    _check_base_model(detect_base_model(base_state_dict.meta), base, input_path)
 
-    # 3. learn the model's keys and shapes (meta device), map the weights, check them, save
+    # 3. learn the model's keys and shapes (meta device); initialise the weights the input lacks before the copies
+    # are read, so that the module built for them and the copies are never in memory together
     model_shapes = model_state_shapes(config)
-    merged, newly_added = add_control(model_shapes, base_state_dict)
-    merged.update(_fresh_tensors(config, newly_added, seed))
+    uncopied = [key for key in model_shapes if control_source_key(key) not in base_state_dict]
+    fresh = _fresh_tensors(config, uncopied, seed)
+
+    # 4. read and map the weights one at a time, check them, save
+    merged, newly_added = add_control({**model_shapes, **fresh}, base_state_dict)
     check_weights_fit(model_shapes, merged, source=input_path, config=config)
-    merged = {key: _as_saved(tensor, model_shapes[key]) for key, tensor in merged.items()}
+    for key, tensor in merged.items():  # one at a time: a converted copy replaces its source before the next
+        merged[key] = _as_saved(tensor, model_shapes[key])
     used_keys = {control_source_key(key) for key in merged}
     ignored = sum(1 for key in base_state_dict if key not in used_keys)
     del base_state_dict

@@ -58,10 +58,11 @@ def transfer_control(
     """Move a ControlNet from a base SD to a fine-tune of it by adding the weight offset (fine-tuned - base).
 
     VAE and text-encoder tensors come from the fine-tuned model; every other tensor whose UNet counterpart the
-    fine-tuned model has becomes `control + finetuned - base`; ControlNet-only layers are kept as they are.
+    fine-tuned model has becomes `control + finetuned - base`; ControlNet-only layers are kept as they are. Each
+    input tensor is looked up once, when it is needed, so lazy mappings (`ldm.checkpoint.StateDictReader`) stream.
     """
     merged: dict[str, torch.Tensor] = {}
-    for key, control in control_sd.items():
+    for key in control_sd:
         if key.startswith(FINETUNED_STAGE_PREFIXES):
             if key not in finetuned_sd:
                 raise ValueError(f"the fine-tuned model has no '{key}'; it is not a full Stable Diffusion checkpoint")
@@ -69,15 +70,16 @@ def transfer_control(
             continue
         source_key = control_source_key(key)
         if source_key not in finetuned_sd:
-            merged[key] = control
+            merged[key] = control_sd[key]
             continue
         if source_key not in base_sd:
             raise ValueError(f"the base model has no '{source_key}', which the fine-tuned model has; pass its base")
-        for name, other in (("base", base_sd[source_key]), ("fine-tuned", finetuned_sd[source_key])):
+        control, base, finetuned = control_sd[key], base_sd[source_key], finetuned_sd[source_key]
+        for name, other in (("base", base), ("fine-tuned", finetuned)):
             if tuple(other.shape) != tuple(control.shape):
                 raise ValueError(
                     f"cannot transfer '{key}': shape {list(control.shape)} in the ControlNet vs "
                     f"{list(other.shape)} for '{source_key}' in the {name} model; the models do not match"
                 )
-        merged[key] = control + finetuned_sd[source_key] - base_sd[source_key]
+        merged[key] = control + finetuned - base
     return merged

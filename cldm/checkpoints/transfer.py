@@ -1,5 +1,9 @@
 """Moving a ControlNet trained on base Stable Diffusion 1.5 onto a fine-tuned SD1.5 model, file to file (what
-tool_transfer_control.py runs): `control + finetuned - base` for every tensor with a UNet counterpart."""
+tool_transfer_control.py runs): `control + finetuned - base` for every tensor with a UNet counterpart.
+
+Memory: the inputs are read one tensor at a time (`open_state_dict`) and each transferred tensor is computed from
+its three sources and kept, so the peak is about the output's size rather than three inputs plus the output.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,7 +14,7 @@ from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, detect_base_model
 from cldm.checkpoints.paths import check_output_path, checkpoint_format
 from cldm.checkpoints.saving import save_state_dict
 from cldm.checkpoints.surgery import FINETUNED_STAGE_PREFIXES, control_source_key, transfer_control
-from ldm.checkpoint import check_input_path, read_state_dict
+from ldm.checkpoint import check_input_path, open_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +45,11 @@ def transfer_control_file(sd15: str, control: str, input: str, output: str) -> N
     checkpoint_format(output)
     check_output_path(output)
 
-    # 2. read the three checkpoints and make sure each is what it should be
-    base_sd = read_state_dict(sd15)
-    control_sd = read_state_dict(control)
-    finetuned_sd = read_state_dict(input)
-    _check_kinds(paths, detect_base_model(base_sd), detect_base_model(control_sd), detect_base_model(finetuned_sd))
+    # 2. open the three checkpoints (keys and shapes; tensors are read when used) and check what each is
+    base_sd, control_sd, finetuned_sd = open_state_dict(sd15), open_state_dict(control), open_state_dict(input)
+    _check_kinds(paths, *(detect_base_model(sd.meta) for sd in (base_sd, control_sd, finetuned_sd)))
 
-    # 3. transfer and save
+    # 3. transfer, one tensor at a time, and save
     merged = transfer_control(control_sd, base_sd, finetuned_sd)
     save_state_dict(merged, output)
 

@@ -46,7 +46,7 @@ from cldm.training.callbacks import (
     StepCheckpoint,
     newest_checkpoint,
 )
-from cldm.training.host_memory import retain_freed_host_memory
+from cldm.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
 from cldm.training.run_lock import run_lock
 from cldm.training.resume import RunSettings, check_resumed_settings, run_settings

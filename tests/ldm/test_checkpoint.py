@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cldm.checkpoints.saving import save_state_dict
-from ldm.checkpoint import read_state_dict
+from ldm.checkpoint import open_state_dict, read_state_dict
 from tests.helpers.state_dicts import assert_same, sample_state_dict
 
 
@@ -151,3 +151,66 @@ def test_missing_file_and_folders_are_reported(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(ValueError, match="diffusers folder"):
         read_state_dict(tmp_path)
+
+
+# Reading one tensor at a time ----------------------------------------------------------------------------------
+
+
+def _layouts() -> dict[str, torch.Tensor]:
+    """Tensors as torch files hold them: a view into another's storage, a transposed view, half, a 0-d and an
+    empty tensor."""
+    base = torch.arange(20.0).reshape(4, 5)
+    return {"base": base, "rows": base[1:3], "transposed": base.t(), "half": torch.randn(3).half(),
+            "scalar": torch.tensor(7), "empty": torch.empty(0)}
+
+
+@pytest.mark.parametrize("name", ["release.ckpt", "legacy.pth", "weights.safetensors"])
+def test_open_state_dict_reads_what_read_state_dict_reads(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name == "release.ckpt":
+        torch.save({"state_dict": _layouts(), "global_step": 7}, path)
+    elif name == "legacy.pth":
+        torch.save(_layouts(), path, _use_new_zipfile_serialization=False)
+    else:
+        save_state_dict(_layouts(), path)
+    whole, reader = read_state_dict(path), open_state_dict(path)
+    assert list(reader) == list(whole) and len(reader) == len(whole) and "base" in reader and "x" not in reader
+    for key, tensor in whole.items():
+        assert reader.meta[key].is_meta and reader.meta[key].shape == tensor.shape, key
+        read = reader[key]
+        assert read.dtype == tensor.dtype and read.stride() == tensor.stride() and torch.equal(read, tensor), key
+    with pytest.raises(KeyError):
+        reader["x"]
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_each_lookup_reads_the_file_into_memory_of_its_own(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    save_state_dict(sample_state_dict(), path)
+    reader = open_state_dict(path)
+    key = "model.diffusion_model.out.2.weight"
+    first = reader[key]
+    first.zero_()  # writable, and changing it changes neither the file nor the next read
+    assert torch.equal(reader[key], sample_state_dict()[key])
+    assert first.untyped_storage().nbytes() == first.numel() * first.element_size()
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_damaged_files_are_reported_when_opened(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    save_state_dict(sample_state_dict(), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated or not a checkpoint") as error:
+        open_state_dict(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_torch_file_cut_short_after_opening_is_reported_when_read(tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    torch.save({"big": torch.zeros(10_000)}, path)
+    reader = open_state_dict(path)
+    with open(path, "r+b") as file:  # cut inside the tensor's data: the zip directory is already read
+        file.truncate(reader.meta["big"].untyped_storage()._checkpoint_offset + 100)
+    with pytest.raises(ValueError, match=r"truncated or not a checkpoint \(the file ends inside the data of a tensor "
+                                         r"of shape \[10000\]\)"):
+        reader["big"]
