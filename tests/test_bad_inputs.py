@@ -1589,8 +1589,9 @@ def test_row_train_resume_other_data_set(inputs: Inputs, run_checkpoint: Path, t
         f"continues the epoch from the same position in the new data set's order"]
 
 
-def test_row_train_log_max_images_zero(tmp_path: Path, caplog) -> None:
-    args = build_parser(SINGLE_DEVICE_DEFAULTS, "train").parse_args(["--log_max_images", "0"])
+def test_row_train_log_max_images_zero(inputs: Inputs, caplog) -> None:
+    argv = ["--log_max_images", "0", "--data_root", str(inputs.data)]
+    args = build_parser(SINGLE_DEVICE_DEFAULTS, "train").parse_args(argv)
     with caplog.at_level("INFO"):
         callbacks = build_callbacks(args, ResumableRandomSampler(4, 0))
     image_logger, = [callback for callback in callbacks if isinstance(callback, ImageLogger)]
