@@ -14,8 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import numpy as np
-
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 from cldm.evaluation.eval_control import EvalSettings, evaluate_to_files, format_table
 from cldm.evaluation.evaluate import DEFAULT_BATCH_SIZE
@@ -30,45 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_weight_arguments(parser)
-    parser.add_argument("--images", help="score the images of this folder (<index>.png per item, generated "
+    parser.add_argument("--images", type=flags.path, help="score the images of this folder (<index>.png per item, generated "
                         "elsewhere) instead of sampling; no checkpoint needed")
-    parser.add_argument("--data_root", required=True, help="data set folder holding prompt.json")
-    parser.add_argument("--items", type=int, default=100, help="score the data set's last ITEMS items")
-    parser.add_argument("--resolution", type=int, default=None,
+    parser.add_argument("--data_root", type=flags.path, required=True, help="data set folder holding prompt.json")
+    parser.add_argument("--items", type=flags.positive_int, default=100, help="score the data set's last ITEMS items")
+    parser.add_argument("--resolution", type=flags.positive_int, default=None,
                         help="resize hints to RESOLUTION x RESOLUTION, as training's --resolution")
-    parser.add_argument("--seed", type=int, default=0, help="item i starts from noise seeded by (seed, i)")
-    parser.add_argument("--ddim_steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--guidance_scale", type=float, default=9.0, help="classifier-free guidance scale")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="items sampled at once")
+    parser.add_argument("--seed", type=flags.seed, default=0, help="item i starts from noise seeded by (seed, i)")
+    parser.add_argument("--ddim_steps", type=flags.ddim_steps, default=20, help="DDIM steps")
+    parser.add_argument("--guidance_scale", type=flags.non_negative_finite_float, default=9.0, help="classifier-free guidance scale")
+    parser.add_argument("--eta", type=flags.non_negative_finite_float, default=0.0, help="DDIM eta")
+    parser.add_argument("--batch_size", type=flags.positive_int, default=DEFAULT_BATCH_SIZE, help="items sampled at once")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
                         help="32: float32; bf16 / 16: autocast (16 on CUDA only)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--json", default=None, help="write the per-item metrics to this JSON file")
-    parser.add_argument("--grid", default=None, help="write the (hint, sample) pairs to this PNG")
+    parser.add_argument("--device", type=flags.device, default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", type=flags.path, default=None, help="write the per-item metrics to this JSON file")
+    parser.add_argument("--grid", type=flags.path, default=None, help="write the (hint, sample) pairs to this PNG")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --json and --grid files")
     add_debug_argument(parser)
     return parser
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse values the evaluation cannot use (--items is checked against the data set)."""
-    for flag, value in {"--ddim_steps": args.ddim_steps, "--batch_size": args.batch_size}.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    if args.ddim_steps > 1000:
-        raise ValueError(f"--ddim_steps must be at most 1000 (the diffusion timesteps), got {args.ddim_steps}")
-    for flag, value in {"--guidance_scale": args.guidance_scale, "--eta": args.eta}.items():
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be zero or positive, got {args.seed}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Score the items and print the table."""
     args = build_parser().parse_args(argv)
-    _check_numbers(args)
     settings = EvalSettings(ddim_steps=args.ddim_steps, guidance_scale=args.guidance_scale, eta=args.eta,
                             seed=args.seed, batch_size=args.batch_size, precision=args.precision)
     given = any(path is not None for path in (args.ckpt, args.base, args.control))

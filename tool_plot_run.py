@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cldm import flags
 from cldm.cli import add_debug_argument, run
 from cldm.evaluation.run_plot import DEFAULT_SMOOTHING, PLOT_FILENAME, plot_run
 
@@ -24,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "run against the step, from its CSV logs, into one PNG.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("run_dir", help="the training run's folder (its --default_root_dir)")
-    parser.add_argument("--out", default=None, help=f"the PNG to write (replaced if it exists); default "
+    parser.add_argument("run_dir", type=flags.path, help="the training run's folder (its --default_root_dir)")
+    parser.add_argument("--out", type=flags.path, default=None, help=f"the PNG to write (replaced if it exists); default "
                         f"RUN_DIR/{PLOT_FILENAME}")
     parser.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
                         help="weight of the loss's exponential moving average per logged point, in [0, 1); "

@@ -1270,7 +1270,7 @@ def _(inputs, tmp, monkeypatch):
 @row("eval-items-zero")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_eval_control.main, _eval(inputs, "--items", "0", "--ckpt", inputs.initial),
-                "--items must be at least 1, got 0")
+                "argument --items: must be a whole number between 1 and 9223372036854775807, got 0")
 
 
 @row("eval-checkpoint-without-controlnet")

@@ -6,7 +6,7 @@ Each example starts from a valid command line on tiny inputs and replaces one to
 positionals) with generated values: integers of any size and sign, floats with nan, inf and -0.0, the flag's
 choices and default, and text (empty, unicode, NUL). The script runs through `cldm.cli.run` as on the command line,
 with the first heavy function after its checks replaced by one that raises `ChecksPassed`, so no model is built.
-The examples are derandomized (the same on every run): 150 per script, 1500 in all, about 20 s on two slow cores.
+The examples are derandomized (the same on every run): 150 per script, 1800 in all, about 20 s on two slow cores.
 """
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from hypothesis import strategies as st
 
 import tool_add_control
 import tool_cache_latents
+import tool_eval_control
 import tool_export_diffusers
 import tool_extract_control
 import tool_make_fill50k
 import tool_make_random_sd
+import tool_plot_run
 import tool_sample
 import tool_transfer_control
 import tutorial_dataset_test
@@ -36,6 +38,7 @@ import tutorial_train
 from cldm.cli import run
 from cldm.training import SINGLE_DEVICE_DEFAULTS, build_parser as build_training_parser
 from tests.helpers.paths import REPO_ROOT
+from run_logs import training_rows, write_log
 from tiny_training import TINY_CONFIG, make_data, make_initial_weights
 
 # Examples per script (a run of 1500 per script, randomized, found nothing more).
@@ -76,7 +79,7 @@ SCRIPTS = {
         "cldm.sampling:load_control_ldm"),
     "tool_make_fill50k": Script(
         tool_make_fill50k.main, tool_make_fill50k.build_parser, [],
-        {"--out": "{out}", "--count": "2", "--size": "64", "--quiet": None}, "cldm.data.fill50k:remove_stale_staging"),
+        {"--out": "{out}", "--count": "2", "--size": "64", "--quiet": None}, "cldm.data.fill50k:_render_all"),
     "tool_cache_latents": Script(
         tool_cache_latents.main, tool_cache_latents.build_parser, [],
         {"--config": "{tiny}", "--resume_path": "{initial}", "--data_root": "{fill}", "--device": "cpu",
@@ -90,10 +93,17 @@ SCRIPTS = {
         "cldm.checkpoints.extraction:read_state_dict"),
     "tool_transfer_control": Script(
         tool_transfer_control.main, tool_transfer_control.build_parser,
-        ["{initial}", "{initial}", "{initial}", "{out}.ckpt"], {}, "cldm.checkpoints.transfer:read_state_dict"),
+        ["{initial}", "{initial}", "{initial}", "{out}.ckpt"], {}, "cldm.checkpoints.transfer:open_state_dict"),
     "tool_add_control": Script(
         tool_add_control.main, lambda: tool_add_control.build_parser("sd1"), ["{initial}", "{out}.ckpt"],
-        {"--config": "{tiny}"}, "cldm.checkpoints.initial_weights:read_state_dict"),
+        {"--config": "{tiny}"}, "cldm.checkpoints.initial_weights:open_state_dict"),
+    "tool_eval_control": Script(
+        tool_eval_control.main, tool_eval_control.build_parser, [],
+        {"--config": "{tiny}", "--ckpt": "{initial}", "--data_root": "{fill}", "--items": "2", "--device": "cpu"},
+        "cldm.evaluation.eval_control:load_control_ldm"),
+    "tool_plot_run": Script(
+        tool_plot_run.main, tool_plot_run.build_parser, ["{run}"], {"--out": "{out}.png"},
+        "cldm.evaluation.run_plot:draw"),
     "tool_make_random_sd": Script(
         tool_make_random_sd.main, tool_make_random_sd.build_parser, ["{out}.ckpt"], {"--config": "{tiny}"},
         "cldm.checkpoints.random_weights:random_base_state_dict"),
@@ -105,10 +115,11 @@ SCRIPTS = {
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, str]:
     """The valid files every base command line names: the tiny config, initial weights, a data set, a hint
-    image, and an output name that does not exist."""
+    image, a run folder with a CSV log, and an output name that does not exist."""
     root = tmp_path_factory.mktemp("inputs")
     files = {"tiny": str(TINY_CONFIG), "initial": str(make_initial_weights(root / "initial.ckpt")),
-             "fill": str(make_data(root / "fill", 2)), "hint": str(root / "hint.png"), "out": str(root / "out")}
+             "fill": str(make_data(root / "fill", 2)), "hint": str(root / "hint.png"), "out": str(root / "out"),
+             "run": str(write_log(root / "run", 0, training_rows(range(3))).parents[2])}
     cv2.imwrite(files["hint"], np.zeros((64, 64, 3), np.uint8))
     return files
 
