@@ -44,6 +44,7 @@ from cldm.training.callbacks import (
     RandomStateCheckpoint,
     StepCheckpoint,
 )
+from cldm.training.evaluation import build_evaluation, hold_out
 from cldm.training.host_memory import retain_freed_host_memory
 from cldm.training.optimizers import build_adamw
 from cldm.training.run_lock import run_lock
@@ -141,6 +142,11 @@ def build_dataset(args: argparse.Namespace) -> MyDataset:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
     check_dataset(dataset, args.resolution)
+    if args.val_data_root is not None:
+        check_dataset(MyDataset(root=args.val_data_root, resolution=args.resolution,
+                                max_image_pixels=args.max_image_pixels), args.resolution)
+    elif args.val_items is not None:
+        hold_out(dataset, args.val_items)
     return dataset
 
 
@@ -197,7 +203,8 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite,
                                check_before_backward=args.optimizer_in_backward), RandomStateCheckpoint(),
             DataOrderCheckpoint(sampler, args.batch_size), GracefulStop(), image_logger, checkpoints,
-            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar(), *cached_encoders]
+            LearningRateMonitor(logging_interval="step"), throughput, TQDMProgressBar(), *cached_encoders,
+            *build_evaluation(args, checkpoint_dir)]
 
 
 def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:
