@@ -31,8 +31,9 @@ def _train(initial: Path, data: Path, root: Path, *extra: str) -> Path:
     return root
 
 
-def _val_rows(root: Path) -> dict[int, dict[str, str]]:
-    rows = csv.DictReader(open(next((root / "lightning_logs").rglob("metrics.csv"))))
+def _val_rows(root: Path, metrics: Path | None = None) -> dict[int, dict[str, str]]:
+    """The rows of the run's (only) CSV log, or of `metrics`, that hold val/control_f1, by step."""
+    rows = csv.DictReader(open(metrics or next((root / "lightning_logs").rglob("metrics.csv"))))
     return {int(row["step"]): row for row in rows if row.get("val/control_f1")}
 
 
@@ -80,3 +81,18 @@ def test_held_out_items_are_never_trained_on(inputs, tmp_path, monkeypatch, capl
     assert sorted(set(visited)) == [0, 1, 2, 3]  # 4 steps of 2: two epochs of the 4 training items
     assert set(evaluated) == {4, 5}  # the validation set reads the held-out items alone
     assert sorted(_val_rows(root)) == [0, 4]
+
+
+def test_a_resumed_run_evaluates_on_schedule_and_at_its_last_step(inputs, tmp_path):
+    initial, data, val = inputs
+    root = tmp_path / "run"
+    evaluation = ["--eval_every_n_steps", "2", "--val_data_root", str(val), "--eval_ddim_steps", "1"]
+    argv = train_args(initial, data, root, "--logger_freq", "100", *evaluation)
+    assert tutorial_train.main([*argv, "--max_steps", "3"]) == 0
+    assert tutorial_train.main([*argv, "--max_steps", "5", "--resume_from_checkpoint", "last"]) == 0
+
+    versions = sorted((root / "lightning_logs").glob("version_*/metrics.csv"))
+    steps = [sorted(_val_rows(root, path)) for path in versions]
+    assert steps == [[0, 2, 3], [4, 5]]  # the last step of each run too; the resumed run does not redo step 3
+    assert sorted(path.name for path in (root / "image_log" / "val").iterdir()) == [
+        f"step-000000{step}.png" for step in (0, 2, 3, 4, 5)]
