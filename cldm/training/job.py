@@ -134,8 +134,8 @@ def default_num_workers(on_gpu: bool, devices: int) -> int:
 
 
 def build_dataset(args: argparse.Namespace) -> MyDataset:
-    """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, checked before any
-    heavy work."""
+    """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, less the last
+    `--val_items` items (held out for evaluation); it and `--val_data_root` are checked before any heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
                         seed=args.seed, max_image_pixels=args.max_image_pixels)
     if args.latent_cache is not None:
@@ -188,9 +188,9 @@ def build_loggers(root: str) -> list:
 
 
 def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -> list[pl.Callback]:
-    """Guards, exact-resume state, image logs, step checkpoints, learning rate and throughput monitors, and a
-    tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning would pick Rich's
-    bar, in it/s, whenever `rich` happens to be installed)."""
+    """Guards, exact-resume state, image logs, step checkpoints, learning rate and throughput monitors, a tqdm
+    progress bar (seconds per step once steps take longer than a second, the loss; Lightning would pick Rich's bar,
+    in it/s, whenever `rich` happens to be installed) and the evaluation of `--eval_every_n_steps`."""
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     image_logger = ImageLogger(batch_frequency=args.logger_freq, max_images=args.log_max_images,
                                log_images_kwargs={"ddim_steps": args.log_ddim_steps})
