@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from cldm.checkpoints.atomic import remove_stale_temporary_files
 from cldm.data.dataset import MyDataset
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.evaluation.evaluate import DEFAULT_BATCH_SIZE, EvalItem, dataset_items, evaluate_control, write_grid
@@ -166,6 +167,7 @@ class ControlEvaluation(Callback):
             return
         self._items = self.validation.items()
         self._seen_step = trainer.global_step
+        remove_stale_temporary_files(self.grid_folder(trainer))  # grids that a killed run was writing
         if trainer.global_step == 0:  # a resumed run was evaluated at its checkpoint's step (or passed it over)
             self.evaluate(trainer, pl_module)
 
@@ -196,7 +198,7 @@ class ControlEvaluation(Callback):
             metrics = {f"{VALIDATION_SPLIT}/{name}": value for name, value in result.means().items()}
             for run_logger in trainer.loggers:
                 run_logger.log_metrics(metrics, step=step)
-            folder = ImageLogger.image_dir(ImageLogger.save_dir(trainer), VALIDATION_SPLIT)
+            folder = self.grid_folder(trainer)
             os.makedirs(folder, exist_ok=True)
             write_grid(result, os.path.join(folder, f"step-{step:07d}.png"))
             self._keep_best(trainer, metrics.get(f"{VALIDATION_SPLIT}/{CONTROL_F1}"))
@@ -207,6 +209,11 @@ class ControlEvaluation(Callback):
             logger.warning("evaluation failed at step %d and was skipped (training goes on; lower --eval_batch_size "
                            "if it runs out of memory): %s: %s", step, type(error).__name__, error)
         self.plot(trainer)
+
+    @staticmethod
+    def grid_folder(trainer: pl.Trainer) -> str:
+        """`image_log/val/` beside the image log's `image_log/train/`."""
+        return ImageLogger.image_dir(ImageLogger.save_dir(trainer), VALIDATION_SPLIT)
 
     def _keep_best(self, trainer: pl.Trainer, f1: float | None) -> None:
         """Save the training checkpoint to `best_path` when `f1` beats the best so far."""
