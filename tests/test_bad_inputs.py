@@ -1397,6 +1397,68 @@ def _(inputs, tmp, monkeypatch):
                 "argument --device: must be cpu, cuda or cuda:N, got tpu")
 
 
+# tutorial_train.py --eval_every_n_steps ----------------------------------------------------------
+
+def _evaluating(inputs: Inputs, tmp: Path, *extra) -> list:
+    return _train(inputs, tmp, "--eval_every_n_steps", "1", *extra)
+
+
+@row("train-eval-flag-without-eval-every")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--val_items", "2"),
+                "--val_items sets up the evaluation during training, which is off; add --eval_every_n_steps N to "
+                "evaluate every N steps")
+
+
+@row("train-eval-every-zero")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--eval_every_n_steps", "0"),
+                "argument --eval_every_n_steps/--eval-every-n-steps: must be a whole number between 1 and "
+                "9223372036854775807, got 0")
+
+
+@row("train-eval-guidance-not-finite")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _evaluating(inputs, tmp, "--val_items", "2", "--eval_guidance_scale", "nan"),
+                "argument --eval_guidance_scale/--eval-guidance-scale: must be a finite number at least 0, got nan")
+
+
+@row("train-val-items-with-val-data-root")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _evaluating(inputs, tmp, "--val_items", "2", "--val_data_root", inputs.data),
+                "--val_items holds items of --data_root out for evaluation and --val_data_root evaluates on another "
+                "data set; pass one of the two")
+
+
+@row("train-val-items-more-than-dataset")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _evaluating(inputs, tmp, "--val_items", "4"),
+                f"--val_items 4 would hold out all 4 items of {inputs.data} for evaluation and leave none to train "
+                f"on; use at most 3, or --val_data_root")
+
+
+@row("train-val-data-root-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _evaluating(inputs, tmp, "--val_data_root", tmp / "val"),
+                f"--val_data_root: Data set folder {tmp}/val does not exist; make it with tool_make_fill50k.py or "
+                f"unzip fill50k.zip there.")
+
+
+@row("train-val-data-root-without-items")
+def _(inputs, tmp, monkeypatch):
+    data = _dataset(tmp / "val", 0, lines=[])
+    return Case(tutorial_train.main, _evaluating(inputs, tmp, "--val_data_root", data),
+                f"--val_data_root: {data}/prompt.json lists no items; add one JSON object per line with keys source, "
+                f"target, prompt.")
+
+
+@row("train-keep-best-control-sharded")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _evaluating(inputs, tmp, "--keep_best_control", "--strategy", "fsdp"),
+                "--keep_best_control saves from rank 0 alone, which cannot save the sharded state of --strategy "
+                "fsdp; use --strategy ddp or drop --keep_best_control")
+
+
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
     files = {}

@@ -19,6 +19,7 @@ from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, check_
 from cldm.data.latent_cache import default_cache_folder
 from cldm.training.batch_probe import MAX_BATCH
 from cldm.training.callbacks import newest_checkpoint
+from cldm.training.evaluation import DEFAULT_VAL_ITEMS, EVAL_DEFAULTS, check_evaluation_args
 from ldm.checkpoint import read_checkpoint
 
 # Defaults of the original tutorial_train.py; the other scripts override a few of them.
@@ -176,6 +177,27 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     _flag(outputs, "log_ddim_steps", type=flags.ddim_steps, default=50, help="DDIM steps of the logged samples")
     _flag(outputs, "log_max_images", type=flags.non_negative_int, default=4,
           help="images per logged grid (0: no image logging, as the original's ImageLogger)")
+
+    evaluation = parser.add_argument_group("evaluation (off unless --eval_every_n_steps is given)")
+    _flag(evaluation, "eval_every_n_steps", type=flags.positive_int, default=None,
+          help="sample the validation set with fixed seeds at step 0, every N steps and at the end, log val/* "
+               "control metrics, write image_log/val/ grids and redraw run.png")
+    _flag(evaluation, "val_items", type=flags.positive_int, default=None,
+          help=f"hold out the last K items of --data_root for evaluation; training never sees them (default with "
+               f"--eval_every_n_steps: {DEFAULT_VAL_ITEMS}, unless --val_data_root is given)")
+    _flag(evaluation, "val_data_root", type=flags.path, default=None,
+          help="evaluate on all items of this Fill50K-format folder instead of holding items out")
+    _flag(evaluation, "eval_ddim_steps", type=flags.ddim_steps, default=None,
+          help=f"DDIM steps of the evaluation samples (when unset: {EVAL_DEFAULTS['eval_ddim_steps']})")
+    _flag(evaluation, "eval_guidance_scale", type=flags.non_negative_finite_float, default=None,
+          help=f"guidance scale against the empty prompt (when unset: {EVAL_DEFAULTS['eval_guidance_scale']})")
+    _flag(evaluation, "eval_seed", type=flags.seed, default=None,
+          help=f"seed of the evaluation noise; item i always starts from the same noise (when unset: "
+               f"{EVAL_DEFAULTS['eval_seed']})")
+    _flag(evaluation, "eval_batch_size", type=flags.positive_int, default=None,
+          help=f"items sampled at once (when unset: {EVAL_DEFAULTS['eval_batch_size']})")
+    _flag(evaluation, "keep_best_control", action="store_true",
+          help="keep the training checkpoint with the highest val/control_f1 as checkpoints/best-control.ckpt")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     return parser
 
@@ -317,6 +339,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
                          "(half-precision weights without autocast would meet float32 inputs)")
     _check_optimizer_in_backward(args)
     _check_batch_probe(args)
+    check_evaluation_args(args)
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config: {args.config} does not exist")
     check_run_folder(args.default_root_dir, "--default_root_dir")

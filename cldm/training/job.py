@@ -47,6 +47,7 @@ from cldm.training.callbacks import (
     newest_checkpoint,
 )
 from cldm.host_memory import retain_freed_host_memory
+from cldm.training.evaluation import build_evaluation, hold_out
 from cldm.training.optimizers import build_adamw
 from cldm.training.run_lock import run_lock
 from cldm.training.resume import RunSettings, check_resumed_settings, run_settings
@@ -149,14 +150,19 @@ def default_num_workers(on_gpu: bool, devices: int) -> int:
 
 
 def build_dataset(args: argparse.Namespace) -> MyDataset:
-    """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, checked before any
-    heavy work."""
+    """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, less the last
+    `--val_items` items (held out for evaluation); it and `--val_data_root` are checked before any heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
                         seed=args.seed, max_image_pixels=args.max_image_pixels)
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
     check_dataset(dataset, args.resolution)
+    if args.val_data_root is not None:
+        check_dataset(MyDataset(root=args.val_data_root, resolution=args.resolution,
+                                max_image_pixels=args.max_image_pixels), args.resolution)
+    elif args.val_items is not None:
+        hold_out(dataset, args.val_items)
     return dataset
 
 
@@ -199,8 +205,8 @@ def build_loggers(root: str) -> list:
 
 def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -> list[pl.Callback]:
     """Guards, exact-resume state, the run's settings, image logs, step checkpoints, learning rate and throughput
-    monitors, and a tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning
-    would pick Rich's bar, in it/s, whenever `rich` happens to be installed)."""
+    monitors, a tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning would
+    pick Rich's bar, in it/s, whenever `rich` happens to be installed) and the evaluation of `--eval_every_n_steps`."""
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     if args.log_max_images == 0:
         rank_zero_info("--log_max_images 0: image logging is off")
@@ -216,7 +222,7 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
                                check_before_backward=args.optimizer_in_backward), RandomStateCheckpoint(),
             DataOrderCheckpoint(sampler, args.batch_size), RunSettings(run_settings(args, sampler.length)),
             GracefulStop(), image_logger, checkpoints, LearningRateMonitor(logging_interval="step"), throughput,
-            TQDMProgressBar(), *cached_encoders]
+            TQDMProgressBar(), *cached_encoders, *build_evaluation(args, checkpoint_dir)]
 
 
 def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:
