@@ -153,7 +153,9 @@ def _sample_batch(model: torch.nn.Module, batch: Sequence[EvalItem], noise: torc
     n = len(batch)
     hints = torch.from_numpy(np.stack([item.hint for item in batch])).to(model.device)
     control = hints.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W) in [0, 1], as the data set's hint
-    cond = {"c_concat": [control], "c_crossattn": [model.get_learned_conditioning([item.prompt for item in batch])]}
+    # With a latent cache the training job keeps the text encoder on the CPU (`CachedEncodersOnCPU`).
+    context = model.get_learned_conditioning([item.prompt for item in batch]).to(model.device)
+    cond = {"c_concat": [control], "c_crossattn": [context]}
     uncond = {"c_concat": [control], "c_crossattn": [model.get_unconditional_conditioning(n)]}
     latents, _ = model.sample_log(cond=cond, batch_size=n, ddim=True, ddim_steps=ddim_steps, eta=eta,
                                   unconditional_guidance_scale=guidance_scale, unconditional_conditioning=uncond,
