@@ -152,10 +152,10 @@ def build_dataset(args: argparse.Namespace) -> MyDataset:
     """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, checked before any
     heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
-                        seed=args.seed, max_image_pixels=args.max_image_pixels)
+                        seed=args.seed, max_image_pixels=args.max_image_pixels, resize=args.resize, crop=args.crop)
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
-        dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
+        dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution, args.resize)
     check_dataset(dataset, args.resolution)
     return dataset
 
