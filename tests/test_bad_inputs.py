@@ -1417,9 +1417,9 @@ def _(inputs, tmp, monkeypatch):
 @row("train-crop-random-without-cropping")
 def _(inputs, tmp, monkeypatch):
     return Case(tutorial_train.main, _train(inputs, tmp, "--crop", "random"),
-                "--crop random crops only with --resolution and --resize crop, and this run has no --resolution (images "
-                "are used whole); pass --resolution 512 (or another multiple of 64) with --resize crop, or drop --crop "
-                "random")
+                "--crop random crops only with --resolution and --resize crop, and this run has no --resolution "
+                "(images are used whole); pass --resolution 512 (or another multiple of 64) with --resize crop, or "
+                "drop --crop random")
 
 
 @row("cache-crop-random")
@@ -1437,6 +1437,30 @@ def _(inputs, tmp, monkeypatch):
     return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", "--resolution", "64", data=data),
                 f"latent cache {data}/latent_cache does not fit this run: it was made with --resize stretch and this "
                 f"run has --resize crop; {REMAKE}")
+
+
+@row("train-buckets-without-resolution")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--buckets"),
+                "--buckets makes sizes of about --resolution squared pixels and this run has no --resolution; pass "
+                "--resolution 512 (or another multiple of 64)")
+
+
+@row("train-buckets-with-latent-cache")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resolution", "64", "--buckets", "--latent_cache"),
+                "--buckets trains items at sizes that a latent cache (made at --resolution squared) does not hold; "
+                "train without --latent_cache or without --buckets")
+
+
+@row("train-buckets-resume-other-batch-size")
+def _(inputs, tmp, monkeypatch):
+    first = _train(inputs, tmp, "--resolution", "64", "--buckets", "--seed", "0")
+    assert tutorial_train.main([str(arg) for arg in first]) == 0
+    return Case(tutorial_train.main, first + ["--max_steps", "2", "--batch_size", "1",
+                                              "--resume_from_checkpoint", "last"],
+                "--buckets resumes an epoch only in batches of the run's size, and --batch_size 1 differs from its 2; "
+                "resume with --batch_size 2", in_training=True)
 
 
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:

@@ -174,6 +174,7 @@ class MyDataset(Dataset):
         self.max_image_pixels = max_image_pixels
         self.resize = resize
         self.crop = crop
+        self.out_sizes: list[tuple[int, int]] | None = None  # (width, height) of each item instead (--buckets)
         self.data = read_prompt_file(prompt_path)
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple[int, int] | None = None
@@ -226,6 +227,10 @@ class MyDataset(Dataset):
             self._read_rgb(item[key], reduction)
         return sizes[1]
 
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of item `index`'s target, from its header (nothing is decoded)."""
+        return self._image_size(self.data[index]["target"])
+
     def _image_size(self, relative_path: str) -> tuple[int, int]:
         """(width, height) from the image's header."""
         with self._reading(relative_path) as path:
@@ -253,12 +258,14 @@ class MyDataset(Dataset):
 
     def _frame(self, images: list[np.ndarray], target_size: tuple[int, int], idx: int | Visit) -> list[np.ndarray]:
         """The images of one item at the target's (width, height) `target_size`, then at `resolution` x
-        `resolution` as `resize` and `crop` say (all cut by one box)."""
+        `resolution` (or the item's size in `out_sizes`) as `resize` and `crop` say (all cut by one box)."""
         images = [resize(image, target_size) for image in images]
         if self.resolution is None:
             return images
         rng = self._visit_rng(idx, CROP_STREAM) if self.crop == "random" else None
-        return frame(images, (self.resolution, self.resolution), self.resize, rng)
+        index = idx.index if isinstance(idx, Visit) else idx
+        out_size = (self.resolution, self.resolution) if self.out_sizes is None else self.out_sizes[index]
+        return frame(images, out_size, self.resize, rng)
 
     def _visit_rng(self, idx: int | Visit, *stream: int) -> np.random.Generator:
         """A generator of this visit, one per `stream` key (none for prompt dropout); for an integer index, this

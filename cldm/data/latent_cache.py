@@ -9,8 +9,8 @@ A cache is a folder, by default `<data root>/latent_cache/`, of three files:
 * `text_embeddings.npy` (P, 77, D): the embedding of each distinct prompt; row 0 is the empty prompt, which prompt
   dropout uses.
 * `manifest.json`: format and version, dtype, resolution and resize mode (`resize`: "crop" or "stretch", and
-  `crop`: always "center"; a manifest without them was made by the original's stretch), array shapes, the prompt of each row, the row of each
-  item, and the fingerprints that tell a stale cache (`FINGERPRINTS`).
+  `crop`: always "center"; a manifest without them was made by the original's stretch), array shapes, the prompt of
+  each row, the row of each item, and the fingerprints that tell a stale cache (`FINGERPRINTS`).
 
 The arrays are plain `.npy` files, memory-mapped when read (`numpy.load(mmap_mode="r")`); NumPy has no bfloat16, so
 bfloat16 values are stored as their uint16 bit patterns (`tensor.view(torch.int16)`), float16 and float32 as they

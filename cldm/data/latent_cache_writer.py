@@ -91,7 +91,8 @@ def write_latent_cache(model: pl.LightningModule, data_set: MyDataset, out: Path
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": dtype,
             "storage": "numpy .npy; bfloat16 as its uint16 bit patterns" if dtype == "bfloat16" else "numpy .npy",
-            "resolution": resolution, "resize": data_set.resize, "crop": data_set.crop, "moments_shape": moments_shape, "embeddings_shape": embeddings_shape,
+            "resolution": resolution, "resize": data_set.resize, "crop": data_set.crop,
+            "moments_shape": moments_shape, "embeddings_shape": embeddings_shape,
             **encoder_fingerprints(model.state_dict()), "data_set_sha256": fingerprint,
             "data_set_fingerprint": "sha256 of prompt.json's bytes and each target's path, size and mtime",
             "prompts": prompts, "item_prompt_rows": [rows[record["prompt"]] for record in records],

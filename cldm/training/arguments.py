@@ -140,6 +140,9 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     _flag(data, "crop", default="center", choices=CROP_POSITIONS,
           help="where --resize crop cuts: the centre, or a position drawn per visit from (seed, epoch, index), the "
                "same for the hint and the target and after a resume")
+    _flag(data, "buckets", action="store_true",
+          help="with --resolution: train each item at the size of about --resolution squared pixels (sides multiples "
+               "of 64, 4:1 to 1:4) nearest its aspect ratio, every batch of one size")
     _flag(data, "max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
           help="refuse an image whose header gives more pixels than this, before decoding it (default: 8192x8192)")
     _flag(data, "batch_size", type=_batch_size, default=defaults["batch_size"],
@@ -303,12 +306,19 @@ def _check_optimizer_in_backward(args: argparse.Namespace) -> None:
                          f"with {conflict}; drop one of the two")
 
 
-def _check_crop(args: argparse.Namespace) -> None:
-    """Refuse a `--crop random` that a latent cache (one crop per image) cannot serve, or that would not crop."""
+def _check_framing(args: argparse.Namespace) -> None:
+    """Refuse a `--crop random` that a latent cache (one crop per image) cannot serve, or that would not crop, and
+    `--buckets` without a resolution or with a latent cache."""
     if args.crop == "random" and args.latent_cache is not None:
         raise ValueError("--crop random draws a new crop at every visit and a latent cache holds one crop per image; "
                          "train with --crop center or without --latent_cache")
     check_random_crop(args.crop, args.resize, args.resolution)
+    if args.buckets and args.resolution is None:
+        raise ValueError("--buckets makes sizes of about --resolution squared pixels and this run has no --resolution; "
+                         "pass --resolution 512 (or another multiple of 64)")
+    if args.buckets and args.latent_cache is not None:
+        raise ValueError("--buckets trains items at sizes that a latent cache (made at --resolution squared) does not "
+                         "hold; train without --latent_cache or without --buckets")
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -322,7 +332,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
     check_pixel_limit(args.max_image_pixels, "--max_image_pixels")
     check_resolution_pixels(args.resolution, args.max_image_pixels)
-    _check_crop(args)
+    _check_framing(args)
     if args.latent_cache == "":
         args.latent_cache = str(default_cache_folder(args.data_root))
     _check_hardware(args)
