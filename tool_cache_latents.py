@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from cldm import flags
 from cldm.cli import add_debug_argument, run
+from cldm.data.geometry import CROP_POSITIONS, RESIZE_MODES
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.data.latent_cache import STORAGE_DTYPES
 from cldm.data.latent_cache_writer import cache_latents
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder with prompt.json and the images")
     parser.add_argument("--resolution", type=flags.positive_int, default=None,
                         help="resize the targets to this size, as training's --resolution (which must be the same)")
+    parser.add_argument("--resize", default="crop", choices=RESIZE_MODES,
+                        help="with --resolution: crop to a square or stretch, as training's --resize (which must be "
+                             "the same)")
+    parser.add_argument("--crop", default="center", choices=CROP_POSITIONS,
+                        help="where to crop: only 'center' can be cached ('random' draws a new crop at every visit)")
     parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="refuse an image whose header gives more pixels than this (8192x8192), as training does")
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(STORAGE_DTYPES),
@@ -58,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     out = cache_latents(args.config, args.resume_path, args.data_root, args.out, resolution=args.resolution,
                         dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers,
-                        device=args.device, overwrite=args.overwrite, max_image_pixels=args.max_image_pixels)
+                        device=args.device, overwrite=args.overwrite, max_image_pixels=args.max_image_pixels,
+                        resize=args.resize, crop=args.crop)
     print(f"Wrote the latent cache of {args.data_root} to {out} in {time.perf_counter() - start:.1f} s; train "
           f"with --latent_cache {out}")
     return 0

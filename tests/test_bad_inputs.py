@@ -627,11 +627,12 @@ def _(inputs, tmp, monkeypatch):
                 in_training=True, check=_no_checkpoints(tmp / "run" / "checkpoints"))
 
 
-@row("train-source-target-sizes-differ")
+@row("train-source-target-aspect-differs")
 def _(inputs, tmp, monkeypatch):
-    data = _dataset(tmp / "data", 2, sizes={"target/0.png": 128})
+    data = _dataset(tmp / "data", 2, sizes={"target/0.png": (64, 128)})
     return Case(tutorial_train.main, _train(inputs, tmp, data=data),
-                "Source source/0.png is 64x64 px but target target/0.png is 128x128 px; they must match.")
+                "Source source/0.png is 64x64 px but target target/0.png is 128x64 px; they must have the same aspect "
+                "ratio (within 1 px), so that one crop fits both.")
 
 
 @row("train-image-size-not-multiple-of-64")
@@ -991,7 +992,8 @@ def _cached_data(inputs: Inputs, tmp: Path) -> Path:
     return data
 
 
-REMAKE = "rerun tool_cache_latents.py --overwrite with this run's --config, --resume_path, --data_root and --resolution"
+REMAKE = ("rerun tool_cache_latents.py --overwrite with this run's --config, --resume_path, --data_root, --resolution "
+          "and --resize")
 
 
 @row("cache-output-exists")
@@ -1459,6 +1461,70 @@ def _(inputs, tmp, monkeypatch):
                 "fsdp; use --strategy ddp or drop --keep_best_control")
 
 
+# Resizing and cropping (--resize, --crop) ----------------------------------------------------------------------
+
+@row("train-resize-unknown")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resize", "squash"),
+                "argument --resize: invalid choice: 'squash' (choose from 'crop', 'stretch')")
+
+
+@row("train-crop-random-with-latent-cache")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resolution", "64", "--crop", "random", "--latent_cache"),
+                "--crop random draws a new crop at every visit and a latent cache holds one crop per image; train with "
+                "--crop center or without --latent_cache")
+
+
+@row("train-crop-random-without-cropping")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--crop", "random"),
+                "--crop random crops only with --resolution and --resize crop, and this run has no --resolution "
+                "(images are used whole); pass --resolution 512 (or another multiple of 64) with --resize crop, or "
+                "drop --crop random")
+
+
+@row("cache-crop-random")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_cache_latents.main, _cache(inputs, inputs.data, "--crop", "random", "--out", tmp / "cache"),
+                "--crop random draws a new crop at every visit of an image and a latent cache holds one; cache with "
+                "--crop center and train with it, or train without a cache")
+
+
+@row("train-cache-other-resize")
+def _(inputs, tmp, monkeypatch):
+    data = Path(shutil.copytree(inputs.data, tmp / "data"))
+    assert tool_cache_latents.main([str(arg) for arg in _cache(inputs, data, "--resolution", "64", "--resize",
+                                                                "stretch")]) == 0
+    return Case(tutorial_train.main, _train(inputs, tmp, "--latent_cache", "--resolution", "64", data=data),
+                f"latent cache {data}/latent_cache does not fit this run: it was made with --resize stretch and this "
+                f"run has --resize crop; {REMAKE}")
+
+
+@row("train-buckets-without-resolution")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--buckets"),
+                "--buckets makes sizes of about --resolution squared pixels and this run has no --resolution; pass "
+                "--resolution 512 (or another multiple of 64)")
+
+
+@row("train-buckets-with-latent-cache")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--resolution", "64", "--buckets", "--latent_cache"),
+                "--buckets trains items at sizes that a latent cache (made at --resolution squared) does not hold; "
+                "train without --latent_cache or without --buckets")
+
+
+@row("train-buckets-resume-other-batch-size")
+def _(inputs, tmp, monkeypatch):
+    first = _train(inputs, tmp, "--resolution", "64", "--buckets", "--seed", "0")
+    assert tutorial_train.main([str(arg) for arg in first]) == 0
+    return Case(tutorial_train.main, first + ["--max_steps", "2", "--batch_size", "1",
+                                              "--resume_from_checkpoint", "last"],
+                "--buckets resumes an epoch only in batches of the run's size, and --batch_size 1 differs from its 2; "
+                "resume with --batch_size 2", in_training=True)
+
+
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
     files = {}
@@ -1665,6 +1731,15 @@ def test_row_train_log_max_images_zero(inputs: Inputs, caplog) -> None:
     assert "--log_max_images 0: image logging is off" in caplog.text
 
 
+def test_row_train_source_other_size_same_aspect(inputs: Inputs, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "data", 2, sizes={"source/0.png": 32, "target/1.png": (96, 96), "source/1.png": 48})
+    assert check_dataset(MyDataset(root=str(data)), None) is None
+    item = MyDataset(root=str(data), resolution=64)[0]
+    assert item["hint"].shape == item["jpg"].shape == (64, 64, 3)
+    argv = _train(inputs, tmp_path, "--resolution", "64", data=data)
+    assert tutorial_train.main([str(arg) for arg in argv]) == 0
+
+
 ACCEPTED_ROWS = {
     "fill50k-force-replaces-its-own-data-set": test_row_fill50k_force_replaces_its_own_data_set,
     "tool-killed-mid-write": test_row_tool_killed_mid_write,
@@ -1681,6 +1756,7 @@ ACCEPTED_ROWS = {
     "train-resume-other-precision": test_row_train_resume_other_precision,
     "train-resume-other-data-set": test_row_train_resume_other_data_set,
     "train-resume-other-learning-rate": test_row_train_resume_other_learning_rate,
+    "train-source-other-size-same-aspect": test_row_train_source_other_size_same_aspect,
 }
 
 

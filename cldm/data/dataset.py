@@ -17,11 +17,14 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from cldm.data.data_order import Visit
+from cldm.data.geometry import ASPECT_TOLERANCE_PX, CROP_POSITIONS, RESIZE_MODES, frame, resize, same_aspect_ratio
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, header_size, read_color
 from cldm.data.latent_cache import LatentCache
 
 REQUIRED_KEYS = ("source", "target", "prompt")
 IMAGE_KEYS = ("source", "target")
+# Key of a visit's crop draws, beside (seed, epoch, index), so that they are independent of prompt dropout's.
+CROP_STREAM = 1
 
 
 def read_prompt_file(path: str) -> list[dict[str, str]]:
@@ -81,12 +84,14 @@ class _InsideFolder:
         return resolved == self.root or resolved.startswith(self._prefix)
 
 
-def _check_same_size(item: dict[str, str], source_size: tuple[int, int], target_size: tuple[int, int]) -> None:
-    """Refuse an item whose source and target differ in (width, height)."""
-    if tuple(source_size) != tuple(target_size):
+def _check_same_aspect_ratio(item: dict[str, str], source_size: tuple[int, int],
+                             target_size: tuple[int, int]) -> None:
+    """Refuse an item whose source and target differ in aspect ratio (a source of another size is resized)."""
+    if not same_aspect_ratio(source_size, target_size):
         raise ValueError(
             f"Source {item['source']} is {source_size[0]}x{source_size[1]} px but target {item['target']} "
-            f"is {target_size[0]}x{target_size[1]} px; they must match."
+            f"is {target_size[0]}x{target_size[1]} px; they must have the same aspect ratio (within "
+            f"{ASPECT_TOLERANCE_PX} px), so that one crop fits both."
         )
 
 
@@ -110,15 +115,20 @@ class MyDataset(Dataset):
     """Items of ``<root>/prompt.json`` as ``dict(jpg=target in [-1, 1], txt=prompt, hint=source in [0, 1])``.
 
     Both images are float32 RGB arrays of shape (H, W, 3). With the defaults this is the original
-    tutorial's data set. Prompt dropout of a `Visit` (what the training's sampler yields) draws from
+    tutorial's data set. A source of another size than its target (and of its aspect ratio) is resized to the
+    target's size. Prompt dropout and random crops of a `Visit` (what the training's sampler yields) draw from
     ``(visit seed, epoch, index)``, so a resumed run and any number of DataLoader workers drop the same
-    prompts. Indexed by an integer, it draws from a NumPy generator made once per process: from
-    ``(seed, DataLoader worker id)`` when `seed` is set, else from ``torch.initial_seed()``, which
+    prompts and cut the same crops. Indexed by an integer, they draw from a NumPy generator made once per process:
+    from ``(seed, DataLoader worker id)`` when `seed` is set, else from ``torch.initial_seed()``, which
     DataLoader workers derive from the main process's torch seed.
 
     Args:
         root: the data set folder holding prompt.json.
-        resolution: if set, both images are resized to resolution x resolution (a positive multiple of 8).
+        resolution: if set, both images become resolution x resolution (a positive multiple of 8), as `resize` says.
+        resize: "crop": resize the short side to `resolution` and crop the long one (`cldm.data.geometry`);
+            "stretch": resize the whole image, squashing a non-square one (the original's). Square images give the
+            same pixels either way.
+        crop: where "crop" cuts: "center", or "random" (drawn per visit).
         prompt_dropout: probability of replacing the prompt with "" (the paper drops 50 % for CFG training).
         seed: seed of the prompt-dropout draws; None follows torch's seeding.
         latent_cache: a cache of this data set (tool_cache_latents.py): items then hold the target's posterior
@@ -134,9 +144,14 @@ class MyDataset(Dataset):
         seed: int | None = None,
         latent_cache: LatentCache | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        resize: str = "crop",
+        crop: str = "center",
     ) -> None:
         if resolution is not None and (resolution <= 0 or resolution % 8):
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}.")
+        if resize not in RESIZE_MODES or crop not in CROP_POSITIONS:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)} and crop one of "
+                             f"{', '.join(CROP_POSITIONS)}, got {resize!r} and {crop!r}.")
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be a probability between 0 and 1, got {prompt_dropout}.")
         if seed is not None and seed < 0:
@@ -157,6 +172,9 @@ class MyDataset(Dataset):
         self.seed = seed
         self.latent_cache = latent_cache
         self.max_image_pixels = max_image_pixels
+        self.resize = resize
+        self.crop = crop
+        self.out_sizes: list[tuple[int, int]] | None = None  # (width, height) of each item instead (--buckets)
         self.data = read_prompt_file(prompt_path)
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple[int, int] | None = None
@@ -171,42 +189,47 @@ class MyDataset(Dataset):
             return self._cached_item(item, idx, index)
         source = self._read_rgb(item["source"])
         target = self._read_rgb(item["target"])
-        _check_same_size(item, source.shape[1::-1], target.shape[1::-1])
-        if self.resolution is not None:
-            source, target = self._resize(source), self._resize(target)
+        _check_same_aspect_ratio(item, source.shape[1::-1], target.shape[1::-1])
+        source, target = self._frame([source, target], target.shape[1::-1], idx)
         prompt = self._prompt(item, idx)
         return dict(jpg=_target_array(target), txt=prompt, hint=_hint_array(source))
 
     def target(self, index: int) -> np.ndarray:
         """Only the target image of item `index`, as `jpg` of an item (what the latent cache encodes)."""
         target = self._read_rgb(self.data[index]["target"])
-        return _target_array(self._resize(target) if self.resolution is not None else target)
+        return _target_array(self._frame([target], target.shape[1::-1], index)[0])
 
     def _prompt(self, item: dict[str, str], idx: int | Visit) -> str:
         """The item's prompt, or "" when this visit drops it."""
-        if self.prompt_dropout > 0 and self._dropout_rng(idx).random() < self.prompt_dropout:
+        if self.prompt_dropout > 0 and self._visit_rng(idx).random() < self.prompt_dropout:
             return ""
         return item["prompt"]
 
     def _cached_item(self, item: dict[str, str], idx: int | Visit,
                      index: int) -> dict[str, np.ndarray | str | torch.Tensor]:
-        """The hint as usual, the prompt, and the cached moments and prompt embedding in place of the target."""
+        """The hint as usual (framed by the target's size, read from its header), the prompt, and the cached moments
+        and prompt embedding in place of the target."""
         source = self._read_rgb(item["source"])
-        if self.resolution is not None:
-            source = self._resize(source)
+        target_size = self._image_size(item["target"])
+        _check_same_aspect_ratio(item, source.shape[1::-1], target_size)
+        source, = self._frame([source], target_size, idx)
         self.latent_cache.check_image_size(source.shape[:2], os.path.join(self.root, item["source"]))
         prompt = self._prompt(item, idx)
         return dict(txt=prompt, hint=_hint_array(source), **self.latent_cache.item(index, prompt))
 
     def check_item(self, index: int, reduction: int = 8) -> tuple[int, int]:
-        """(width, height) of item `index`, from its images' headers; both images are decoded, one at a time and
-        at 1/`reduction` of their size, to check that they can be."""
+        """(width, height) of item `index`'s target (to which its source is resized), from its images' headers; both
+        images are decoded, one at a time and at 1/`reduction` of their size, to check that they can be."""
         item = self.data[index]
         sizes = [self._image_size(item[key]) for key in IMAGE_KEYS]
-        _check_same_size(item, *sizes)
+        _check_same_aspect_ratio(item, *sizes)
         for key in IMAGE_KEYS:
             self._read_rgb(item[key], reduction)
-        return sizes[0]
+        return sizes[1]
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of item `index`'s target, from its header (nothing is decoded)."""
+        return self._image_size(self.data[index]["target"])
 
     def _image_size(self, relative_path: str) -> tuple[int, int]:
         """(width, height) from the image's header."""
@@ -233,16 +256,22 @@ class MyDataset(Dataset):
             raise ValueError(f"Image {path} is {error.size_text()}, more than the {error.limit} pixels allowed; "
                              f"shrink it, or raise the limit with --max_image_pixels.") from None
 
-    def _resize(self, image: np.ndarray) -> np.ndarray:
-        shrinking = image.shape[0] * image.shape[1] > self.resolution**2
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        return cv2.resize(image, (self.resolution, self.resolution), interpolation=interpolation)
+    def _frame(self, images: list[np.ndarray], target_size: tuple[int, int], idx: int | Visit) -> list[np.ndarray]:
+        """The images of one item at the target's (width, height) `target_size`, then at `resolution` x
+        `resolution` (or the item's size in `out_sizes`) as `resize` and `crop` say (all cut by one box)."""
+        images = [resize(image, target_size) for image in images]
+        if self.resolution is None:
+            return images
+        rng = self._visit_rng(idx, CROP_STREAM) if self.crop == "random" else None
+        index = idx.index if isinstance(idx, Visit) else idx
+        out_size = (self.resolution, self.resolution) if self.out_sizes is None else self.out_sizes[index]
+        return frame(images, out_size, self.resize, rng)
 
-    def _dropout_rng(self, idx: int | Visit) -> np.random.Generator:
-        """A generator of this visit; for an integer index, this process's generator, made on first use so that
-        each DataLoader worker draws its own stream."""
+    def _visit_rng(self, idx: int | Visit, *stream: int) -> np.random.Generator:
+        """A generator of this visit, one per `stream` key (none for prompt dropout); for an integer index, this
+        process's generator, made on first use so that each DataLoader worker draws its own stream."""
         if isinstance(idx, Visit):
-            return np.random.default_rng([idx.seed, idx.epoch, idx.index])
+            return np.random.default_rng([idx.seed, idx.epoch, idx.index, *stream])
         worker = get_worker_info()
         owner = (os.getpid(), worker.id if worker is not None else -1)
         if self._rng_owner != owner:

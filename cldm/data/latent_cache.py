@@ -8,8 +8,9 @@ A cache is a folder, by default `<data root>/latent_cache/`, of three files:
   samples z = mean + std * noise from them at every step, as it does from the encoder's output.
 * `text_embeddings.npy` (P, 77, D): the embedding of each distinct prompt; row 0 is the empty prompt, which prompt
   dropout uses.
-* `manifest.json`: format and version, dtype, resolution, array shapes, the prompt of each row, the row of each
-  item, and the fingerprints that tell a stale cache (`FINGERPRINTS`).
+* `manifest.json`: format and version, dtype, resolution and resize mode (`resize`: "crop" or "stretch", and
+  `crop`: always "center"; a manifest without them was made by the original's stretch), array shapes, the prompt of
+  each row, the row of each item, and the fingerprints that tell a stale cache (`FINGERPRINTS`).
 
 The arrays are plain `.npy` files, memory-mapped when read (`numpy.load(mmap_mode="r")`); NumPy has no bfloat16, so
 bfloat16 values are stored as their uint16 bit patterns (`tensor.view(torch.int16)`), float16 and float32 as they
@@ -55,7 +56,10 @@ FINGERPRINTS = {"vae_encoder_sha256": "the VAE encoder's weights", "text_encoder
 # What reading a cache needs from its manifest (it also records how the data set was fingerprinted and the storage).
 MANIFEST_KEYS = ("dtype", "resolution", "moments_shape", "embeddings_shape", *FINGERPRINTS, "prompts",
                  "item_prompt_rows")
-REMAKE = "rerun tool_cache_latents.py --overwrite with this run's --config, --resume_path, --data_root and --resolution"
+REMAKE = ("rerun tool_cache_latents.py --overwrite with this run's --config, --resume_path, --data_root, --resolution "
+          "and --resize")
+# The resize mode of a manifest that names none: caches were stretched before `--resize` existed.
+UNNAMED_RESIZE_MODE = "stretch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,12 +177,17 @@ class LatentCache:
             raise ValueError(f"{path} is {size[1]}x{size[0]} px but latent cache {self.folder} holds latents of "
                              f"{width}x{height} px images; {REMAKE}")
 
-    def check_data_set(self, root: PathLike, records: Sequence[Mapping[str, str]], resolution: int | None) -> None:
-        """Refuse a cache made at another resolution or of another version of the data set."""
+    def check_data_set(self, root: PathLike, records: Sequence[Mapping[str, str]], resolution: int | None,
+                       resize: str = "crop") -> None:
+        """Refuse a cache made at another resolution, with another resize mode (where a resolution is set), or of
+        another version of the data set."""
         if resolution != self.manifest["resolution"]:
             made, wanted = (f"--resolution {value}" if value else "no --resolution" for value in
                             (self.manifest["resolution"], resolution))
             self._refuse(f"it was made with {made} and this run has {wanted}")
+        made_resize = self.manifest.get("resize", UNNAMED_RESIZE_MODE)
+        if resolution is not None and resize != made_resize:
+            self._refuse(f"it was made with --resize {made_resize} and this run has --resize {resize}")
         if len(records) != len(self):
             self._refuse(f"it holds {len(self)} items and {root}/prompt.json lists {len(records)}")
         if data_set_fingerprint(root, records) != self.manifest["data_set_sha256"]:

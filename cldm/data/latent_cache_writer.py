@@ -61,14 +61,15 @@ class _Targets(Dataset):
 
 
 @torch.no_grad()
-def write_latent_cache(model: pl.LightningModule, data_set: Dataset, out: PathLike, *, resolution: int | None,
+def write_latent_cache(model: pl.LightningModule, data_set: MyDataset, out: PathLike, *, resolution: int | None,
                        dtype: str = "bfloat16", batch_size: int = 32, num_workers: int = 0,
                        device: str | torch.device = "cpu", overwrite: bool = False) -> Path:
     """Encode every target of `data_set` and each distinct prompt, and write the cache to `out` atomically.
 
     Args:
         model: a LatentDiffusion with the weights training will start from.
-        data_set: a `MyDataset` without prompt dropout, at `resolution` (its `root` and `data` are fingerprinted).
+        data_set: a `MyDataset` without prompt dropout, at `resolution` (its `root` and `data` are fingerprinted,
+            its `resize` and `crop` recorded).
         resolution: the data set's `--resolution` (None: the images' own size), recorded in the manifest.
         dtype: stored dtype of moments and embeddings, one of `STORAGE_DTYPES`.
         overwrite: replace an existing cache at `out` (never a folder that is not one).
@@ -90,7 +91,8 @@ def write_latent_cache(model: pl.LightningModule, data_set: Dataset, out: PathLi
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": dtype,
             "storage": "numpy .npy; bfloat16 as its uint16 bit patterns" if dtype == "bfloat16" else "numpy .npy",
-            "resolution": resolution, "moments_shape": moments_shape, "embeddings_shape": embeddings_shape,
+            "resolution": resolution, "resize": data_set.resize, "crop": data_set.crop,
+            "moments_shape": moments_shape, "embeddings_shape": embeddings_shape,
             **encoder_fingerprints(model.state_dict()), "data_set_sha256": fingerprint,
             "data_set_fingerprint": "sha256 of prompt.json's bytes and each target's path, size and mtime",
             "prompts": prompts, "item_prompt_rows": [rows[record["prompt"]] for record in records],
@@ -133,10 +135,12 @@ def _write_text_embeddings(model: pl.LightningModule, prompts: list[str], path: 
 def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, out: PathLike | None = None, *,
                   resolution: int | None = None, dtype: str = "bfloat16", batch_size: int = 32,
                   num_workers: int | None = None, device: str | torch.device | None = None,
-                  overwrite: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
+                  overwrite: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, resize: str = "crop",
+                  crop: str = "center") -> Path:
     """The work of tool_cache_latents.py: check the inputs, build the model of `config` with the weights of
     `resume_path`, and write the cache of the data set at `data_root` to `out` (default `<data_root>/latent_cache`).
-    Images with more than `max_image_pixels` pixels are refused, as in training.
+    Images with more than `max_image_pixels` pixels are refused, as in training; `resize` and `crop` frame them as
+    training's flags do (`crop` "random" is refused: a cache holds one crop per image).
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be a positive number, got {batch_size}")
@@ -144,13 +148,17 @@ def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, 
         raise ValueError(f"--resolution must be a positive multiple of 64, got {resolution}")
     check_pixel_limit(max_image_pixels, "--max_image_pixels")
     check_resolution_pixels(resolution, max_image_pixels)
+    if crop == "random":
+        raise ValueError("--crop random draws a new crop at every visit of an image and a latent cache holds one; "
+                         "cache with --crop center and train with it, or train without a cache")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     num_workers = num_workers if num_workers is not None else (4 if device.type == "cuda" else 0)
     out = Path(out) if out is not None else default_cache_folder(data_root)
 
     # 1. cheap checks before building the model
     check_config_path(config)
-    data_set = MyDataset(root=str(data_root), resolution=resolution, max_image_pixels=max_image_pixels)
+    data_set = MyDataset(root=str(data_root), resolution=resolution, max_image_pixels=max_image_pixels,
+                         resize=resize)
     check_cache_output(out, overwrite)
 
     # 2. the model with the weights training starts from, and the cache

@@ -15,6 +15,7 @@ from pytorch_lightning.plugins.environments import (LSFEnvironment, MPIEnvironme
 
 from cldm import flags
 from cldm.checkpoints.paths import check_run_folder
+from cldm.data.geometry import CROP_POSITIONS, RESIZE_MODES, check_random_crop
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, check_resolution_pixels
 from cldm.data.latent_cache import default_cache_folder
 from cldm.training.batch_probe import MAX_BATCH
@@ -134,6 +135,15 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     _flag(data, "data_root", type=flags.path, default="./training/fill50k",
           help="folder with prompt.json, source/ and target/")
     _flag(data, "resolution", type=flags.positive_int, default=None, help="resize images to this size (multiple of 64)")
+    _flag(data, "resize", default="crop", choices=RESIZE_MODES,
+          help="with --resolution: 'crop' resizes the short side to it and crops the long side (nothing is "
+               "squashed), 'stretch' resizes both sides to it (the original's); the same for square images")
+    _flag(data, "crop", default="center", choices=CROP_POSITIONS,
+          help="where --resize crop cuts: the centre, or a position drawn per visit from (seed, epoch, index), the "
+               "same for the hint and the target and after a resume")
+    _flag(data, "buckets", action="store_true",
+          help="with --resolution: train each item at the size of about --resolution squared pixels (sides multiples "
+               "of 64, 4:1 to 1:4) nearest its aspect ratio, every batch of one size")
     _flag(data, "max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
           help="refuse an image whose header gives more pixels than this, before decoding it (default: 8192x8192)")
     _flag(data, "batch_size", type=_batch_size, default=defaults["batch_size"],
@@ -318,6 +328,21 @@ def _check_optimizer_in_backward(args: argparse.Namespace) -> None:
                          f"with {conflict}; drop one of the two")
 
 
+def _check_framing(args: argparse.Namespace) -> None:
+    """Refuse a `--crop random` that a latent cache (one crop per image) cannot serve, or that would not crop, and
+    `--buckets` without a resolution or with a latent cache."""
+    if args.crop == "random" and args.latent_cache is not None:
+        raise ValueError("--crop random draws a new crop at every visit and a latent cache holds one crop per image; "
+                         "train with --crop center or without --latent_cache")
+    check_random_crop(args.crop, args.resize, args.resolution)
+    if args.buckets and args.resolution is None:
+        raise ValueError("--buckets makes sizes of about --resolution squared pixels and this run has no --resolution; "
+                         "pass --resolution 512 (or another multiple of 64)")
+    if args.buckets and args.latent_cache is not None:
+        raise ValueError("--buckets trains items at sizes that a latent cache (made at --resolution squared) does not "
+                         "hold; train without --latent_cache or without --buckets")
+
+
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate and normalise the arguments; raises ValueError/FileNotFoundError with one clear sentence."""
     if args.precision not in PRECISIONS:
@@ -329,6 +354,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
     check_pixel_limit(args.max_image_pixels, "--max_image_pixels")
     check_resolution_pixels(args.resolution, args.max_image_pixels)
+    _check_framing(args)
     if args.latent_cache == "":
         args.latent_cache = str(default_cache_folder(args.data_root))
     _check_hardware(args)

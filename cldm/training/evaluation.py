@@ -95,23 +95,26 @@ def hold_out(dataset: MyDataset, count: int) -> range:
 
 @dataclass(frozen=True)
 class ValidationSet:
-    """Where the validation items are: every item of `root`, or only its last `count`; read at `resolution`
-    without prompt dropout."""
+    """Where the validation items are: every item of `root`, or only its last `count`; read at `resolution`, framed
+    by `resize`, without prompt dropout."""
 
     root: str
     count: int | None = None
     resolution: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    resize: str = "crop"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ValidationSet:
         if args.val_data_root is not None:
-            return cls(args.val_data_root, None, args.resolution, args.max_image_pixels)
-        return cls(args.data_root, args.val_items, args.resolution, args.max_image_pixels)
+            return cls(args.val_data_root, None, args.resolution, args.max_image_pixels, args.resize)
+        return cls(args.data_root, args.val_items, args.resolution, args.max_image_pixels, args.resize)
 
     def items(self) -> list[EvalItem]:
-        """The items as uint8 hints and targets with their prompts."""
-        dataset = MyDataset(root=self.root, resolution=self.resolution, max_image_pixels=self.max_image_pixels)
+        """The items as uint8 hints and targets with their prompts (centre crops under `--resize crop`, also when
+        training crops at random)."""
+        dataset = MyDataset(root=self.root, resolution=self.resolution, max_image_pixels=self.max_image_pixels,
+                            resize=self.resize)
         start = 0 if self.count is None else len(dataset) - self.count
         return dataset_items(dataset, range(start, len(dataset)))
 

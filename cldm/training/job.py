@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, default_collate
 from cldm.checkpoints.kinds import BASE_MODEL_DESCRIPTIONS, detect_base_model
 from cldm.checkpoints.lightning_io import AtomicCheckpointIO
 from cldm.cli import EXIT_INTERRUPTED
-from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler
+from cldm.data.buckets import assign_buckets, bucket_histogram, bucket_sizes
+from cldm.data.data_order import BucketBatchSampler, DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
 from cldm.data.latent_cache import LatentCache
 from cldm.logger import ImageLogger
@@ -153,17 +154,29 @@ def build_dataset(args: argparse.Namespace) -> MyDataset:
     """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, less the last
     `--val_items` items (held out for evaluation); it and `--val_data_root` are checked before any heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
-                        seed=args.seed, max_image_pixels=args.max_image_pixels)
+                        seed=args.seed, max_image_pixels=args.max_image_pixels, resize=args.resize, crop=args.crop)
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
-        dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
+        dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution, args.resize)
     check_dataset(dataset, args.resolution)
     if args.val_data_root is not None:
         check_dataset(MyDataset(root=args.val_data_root, resolution=args.resolution,
-                                max_image_pixels=args.max_image_pixels), args.resolution)
+                                max_image_pixels=args.max_image_pixels, resize=args.resize), args.resolution)
     elif args.val_items is not None:
         hold_out(dataset, args.val_items)
+    if args.buckets:
+        use_buckets(dataset, args.resolution)
     return dataset
+
+
+def use_buckets(dataset: MyDataset, resolution: int) -> None:
+    """Give each item the bucket size nearest its target's aspect ratio (from the headers), and say how many items
+    each bucket holds."""
+    buckets = bucket_sizes(resolution)
+    assignment = assign_buckets([dataset.target_size(index) for index in range(len(dataset))], buckets)
+    dataset.out_sizes = [buckets[bucket] for bucket in assignment]
+    rank_zero_info(f"--buckets: {len(set(assignment))} of the {len(buckets)} buckets of {resolution} px hold items "
+                   f"({bucket_histogram(assignment, buckets)})")
 
 
 def resolve_batch_size(args: argparse.Namespace, model: pl.LightningModule, dataset: MyDataset) -> None:
@@ -175,7 +188,8 @@ def resolve_batch_size(args: argparse.Namespace, model: pl.LightningModule, data
 
 
 def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool) -> DataLoader:
-    """Batches of `dataset`, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank."""
+    """Batches of `dataset`, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank. With
+    `--buckets`, a `BucketBatchSampler` makes batches of one size each from the same order, and shards them itself."""
     if args.batch_size > len(dataset):
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
                          f"{args.data_root}; use a smaller batch size")
@@ -184,8 +198,19 @@ def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool)
     # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
     generator = torch.Generator().manual_seed(sampler.seed)
     workers = default_num_workers(on_gpu, args.devices) if args.num_workers is None else args.num_workers
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, generator=generator, num_workers=workers,
-                      collate_fn=collate_same_size, pin_memory=on_gpu, persistent_workers=workers > 0)
+    common = dict(generator=generator, num_workers=workers, collate_fn=collate_same_size, pin_memory=on_gpu,
+                  persistent_workers=workers > 0)
+    if args.buckets:
+        batches = BucketBatchSampler(sampler, dataset.out_sizes, args.batch_size)
+        return DataLoader(dataset, batch_sampler=batches, **common)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, **common)
+
+
+def data_order(dataloader: DataLoader) -> ResumableRandomSampler | BucketBatchSampler:
+    """What decides the loader's order: its `BucketBatchSampler`, else its sampler."""
+    if isinstance(dataloader.batch_sampler, BucketBatchSampler):
+        return dataloader.batch_sampler
+    return dataloader.sampler
 
 
 def build_loggers(root: str) -> list:
@@ -203,7 +228,8 @@ def build_loggers(root: str) -> list:
     return loggers
 
 
-def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -> list[pl.Callback]:
+def build_callbacks(args: argparse.Namespace,
+                    sampler: ResumableRandomSampler | BucketBatchSampler) -> list[pl.Callback]:
     """Guards, exact-resume state, the run's settings, image logs, step checkpoints, learning rate and throughput
     monitors, a tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning would
     pick Rich's bar, in it/s, whenever `rich` happens to be installed) and the evaluation of `--eval_every_n_steps`."""
@@ -225,9 +251,11 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler) -
             TQDMProgressBar(), *cached_encoders, *build_evaluation(args, checkpoint_dir)]
 
 
-def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler) -> pl.Trainer:
-    """The Lightning Trainer of the run; checkpoints are written atomically and read safely."""
+def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler | BucketBatchSampler) -> pl.Trainer:
+    """The Lightning Trainer of the run; checkpoints are written atomically and read safely. A
+    `BucketBatchSampler` splits its batches between the ranks itself, so Lightning does not wrap it."""
     return pl.Trainer(
+        use_distributed_sampler=not isinstance(sampler, BucketBatchSampler),
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
         accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
@@ -294,7 +322,7 @@ def train(args: argparse.Namespace) -> int:
     resolve_batch_size(args, model, dataset)
     dataloader = build_dataloader(args, dataset, on_gpu=uses_gpu(args))
     apply_host_memory_option(args)
-    trainer = build_trainer(args, dataloader.sampler)
+    trainer = build_trainer(args, data_order(dataloader))
     try:
         trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
     except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint

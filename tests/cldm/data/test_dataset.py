@@ -250,10 +250,13 @@ def test_unreadable_image_names_its_path(tmp_path):
         MyDataset(root=str(root))[0]
 
 
-def test_source_and_target_sizes_must_match(tmp_path):
-    root = write_dataset(tmp_path, {"source/0.png": solid((0, 0, 0), 64), "target/0.png": solid((0, 0, 0), 72)})
-    with pytest.raises(ValueError, match="Source source/0.png is 64x64 px but target target/0.png is 72x72 px"):
+def test_source_and_target_aspect_ratios_must_match(tmp_path):
+    root = write_dataset(tmp_path, {"source/0.png": solid((0, 0, 0), 64), "target/0.png": np.zeros((64, 72, 3))})
+    with pytest.raises(ValueError, match=r"Source source/0.png is 64x64 px but target target/0.png is 72x64 px; they "
+                                         r"must have the same aspect ratio \(within 1 px\)"):
         MyDataset(root=str(root))[0]
+    with pytest.raises(ValueError, match="Source source/0.png is 64x64 px but target target/0.png is 72x64 px"):
+        MyDataset(root=str(root)).check_item(0)
 
 
 def _pair_lines(source: str, target: str = "target/0.png") -> list[str]:
@@ -328,3 +331,89 @@ def test_benchmark_runs_tiny(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "Fill50K at 64 px, 12 pairs"
     assert "pairs/s" in out[1] and "samples/s" in out[2] and len(out) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing that keeps the picture (--resize, --crop; the geometry is tested in test_geometry.py)
+# --------------------------------------------------------------------------------------------
+
+
+def columns(width: int, height: int) -> np.ndarray:
+    """A BGR image whose blue channel is the column index, so a crop tells where it was cut."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, :, 0] = np.arange(width, dtype=np.uint8)[None, :]
+    return image
+
+
+@pytest.fixture
+def landscape(tmp_path) -> Path:
+    """One 160x96 item whose source is the inverse of its target, and one with a half-size source (80x48)."""
+    target = columns(160, 96)
+    half = cv2.resize(255 - target, (80, 48), interpolation=cv2.INTER_AREA)
+    return write_dataset(tmp_path, {"source/0.png": 255 - target, "target/0.png": target,
+                                    "source/1.png": half, "target/1.png": target})
+
+
+def test_default_crops_the_centre_of_a_landscape_pair(landscape):
+    item = MyDataset(root=str(landscape), resolution=64)[0]
+    assert item["jpg"].shape == item["hint"].shape == (64, 64, 3)
+    stretched = MyDataset(root=str(landscape), resolution=64, resize="stretch")[0]
+    # The centre square of 96 px of 160: columns 32..127, so the red channel (BGR blue) spans about that range.
+    red = (item["jpg"][:, :, 2] + 1) * 127.5
+    assert 31 < red.min() < 34 and 125 < red.max() < 128
+    assert ((stretched["jpg"][:, :, 2] + 1) * 127.5).min() < 2  # stretch keeps the whole width
+    np.testing.assert_allclose(item["hint"][:, :, 2] * 255, 255 - red, atol=1e-3)  # the same crop for the hint
+
+
+def test_a_hint_of_half_the_size_is_resized_to_its_target(landscape):
+    dataset = MyDataset(root=str(landscape), resolution=64)
+    assert dataset.check_item(1) == (160, 96)
+    full, half = dataset[0], dataset[1]
+    np.testing.assert_array_equal(half["jpg"], full["jpg"])
+    assert half["hint"].shape == (64, 64, 3)
+    np.testing.assert_allclose(half["hint"], full["hint"], atol=6 / 255)  # two resizes instead of one
+    assert MyDataset(root=str(landscape))[1]["hint"].shape == (96, 160, 3)  # without --resolution too
+
+
+def test_random_crop_is_drawn_per_visit(landscape):
+    dataset = MyDataset(root=str(landscape), resolution=64, crop="random")
+    visits = [Visit(0, seed=7, epoch=epoch) for epoch in range(12)]
+    crops = [dataset[visit]["jpg"] for visit in visits]
+    again = MyDataset(root=str(landscape), resolution=64, crop="random")
+    for visit, crop in zip(visits, crops):
+        np.testing.assert_array_equal(again[visit]["jpg"], crop)
+        np.testing.assert_allclose(again[visit]["hint"], (1 - crop) / 2, atol=1e-6)  # the hint's crop is the same
+    assert len({crop[0, 0, 2].item() for crop in crops}) > 4  # the left edge moves between epochs
+
+
+def test_random_crop_does_not_change_prompt_dropout(landscape):
+    kwargs = dict(root=str(landscape), resolution=64, prompt_dropout=0.5)
+    visits = [Visit(index % 2, seed=1, epoch=index) for index in range(20)]
+    prompts = [MyDataset(**kwargs)[visit]["txt"] for visit in visits]
+    assert prompts == [MyDataset(**kwargs, crop="random")[visit]["txt"] for visit in visits]
+
+
+def test_square_images_are_the_same_with_crop_and_stretch(fill50k):
+    for resolution in (32, 128):
+        cropped = MyDataset(root=str(fill50k), resolution=resolution, crop="random")[Visit(2, 0, 0)]
+        stretched = MyDataset(root=str(fill50k), resolution=resolution, resize="stretch")[2]
+        for key in ("jpg", "hint"):
+            np.testing.assert_array_equal(cropped[key], stretched[key])
+
+
+def test_unknown_resize_mode_is_refused(fill50k):
+    with pytest.raises(ValueError, match="resize must be one of crop, stretch and crop one of center, random, got "
+                                         "'squash' and 'center'"):
+        MyDataset(root=str(fill50k), resize="squash")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_random_crops_of_an_epoch_do_not_depend_on_workers_or_a_resume(landscape, num_workers):
+    dataset = MyDataset(root=str(landscape), resolution=64, crop="random")
+    sampler = ResumableRandomSampler(len(dataset), seed=4)
+    sampler.set_epoch(3)
+    want = np.stack([dataset[visit]["jpg"] for visit in sampler])
+    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers)
+    np.testing.assert_array_equal(np.concatenate([batch["jpg"].numpy() for batch in loader]), want)
+    sampler.resume(seed=4, epoch=3, samples_done=1)  # the rest of the epoch, as a resumed run sees it
+    np.testing.assert_array_equal(np.concatenate([batch["jpg"].numpy() for batch in loader]), want[1:])

@@ -126,6 +126,18 @@ def test_manifest_and_bfloat16_storage(setup) -> None:
     bf16 = LatentCache.open(setup["caches"]["bfloat16"]).item(3, "x")["latent_moments"]
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, as_float32[3].bfloat16())
     assert np.load(setup["caches"]["bfloat16"] / EMBEDDINGS_NAME, mmap_mode="r").shape == (9, 77, 32)
+    assert manifest["resize"] == "crop" and manifest["crop"] == "center"
+
+
+def test_a_manifest_without_a_resize_mode_was_stretched(setup) -> None:
+    folder = setup["caches"]["bfloat16"]
+    manifest = {key: value for key, value in read_manifest(folder).items() if key not in ("resize", "crop")}
+    cache = LatentCache(folder, {**manifest, "resolution": 64})
+    records = MyDataset(root=str(setup["data"])).data
+    cache.check_data_set(setup["data"], records, 64, "stretch")
+    with pytest.raises(ValueError, match="it was made with --resize stretch and this run has --resize crop"):
+        cache.check_data_set(setup["data"], records, 64, "crop")
+    LatentCache(folder, manifest).check_data_set(setup["data"], records, None, "crop")  # no resizing, no mode
 
 
 def test_workers_draw_the_same_batches_as_the_main_process(setup) -> None:
