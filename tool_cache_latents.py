@@ -19,6 +19,7 @@ from cldm.cli import add_debug_argument, run
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.data.latent_cache import STORAGE_DTYPES
 from cldm.data.latent_cache_writer import cache_latents
+from cldm.data.layouts import add_column_flags, columns_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume_path", type=flags.path, default="./models/control_sd15_ini.ckpt",
                         help="the weights training starts from (their VAE encoder and text encoder are used)")
     parser.add_argument("--data_root", type=flags.path, default="./training/fill50k",
-                        help="folder with prompt.json and the images")
+                        help="data set folder: prompt.json or metadata.jsonl, and the images")
+    add_column_flags(parser)
     parser.add_argument("--resolution", type=flags.positive_int, default=None,
                         help="resize the targets to this size, as training's --resolution (which must be the same)")
     parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     out = cache_latents(args.config, args.resume_path, args.data_root, args.out, resolution=args.resolution,
                         dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers,
-                        device=args.device, overwrite=args.overwrite, max_image_pixels=args.max_image_pixels)
+                        device=args.device, overwrite=args.overwrite, max_image_pixels=args.max_image_pixels,
+                        columns=columns_from(args))
     print(f"Wrote the latent cache of {args.data_root} to {out} in {time.perf_counter() - start:.1f} s; train "
           f"with --latent_cache {out}")
     return 0

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from cldm.data.dataset import IMAGE_KEYS, MyDataset
+from cldm.data.dataset import MyDataset
 from cldm.data.fill50k import generate_fill50k
 from cldm.data.images import read_color
+from cldm.data.layouts import IMAGE_KEYS
 
 # GPU training rates measured on one H200 (README, Performance): tutorial_train.py in bf16 at batch 4, and with
 # the latent cache and the optimizer in backward at batch 32.

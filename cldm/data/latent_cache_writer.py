@@ -30,6 +30,7 @@ from cldm.data.latent_cache import (
     default_cache_folder,
     encoder_fingerprints,
 )
+from cldm.data.layouts import Columns
 from cldm.model import check_config_path, create_model, load_state_dict, load_weights
 from ldm.checkpoint import PathLike
 
@@ -133,10 +134,12 @@ def _write_text_embeddings(model: pl.LightningModule, prompts: list[str], path: 
 def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, out: PathLike | None = None, *,
                   resolution: int | None = None, dtype: str = "bfloat16", batch_size: int = 32,
                   num_workers: int | None = None, device: str | torch.device | None = None,
-                  overwrite: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
+                  overwrite: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                  columns: Columns = Columns()) -> Path:
     """The work of tool_cache_latents.py: check the inputs, build the model of `config` with the weights of
     `resume_path`, and write the cache of the data set at `data_root` to `out` (default `<data_root>/latent_cache`).
-    Images with more than `max_image_pixels` pixels are refused, as in training.
+    Images with more than `max_image_pixels` pixels are refused, as in training; `columns` name the columns of
+    a metadata.jsonl.
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be a positive number, got {batch_size}")
@@ -150,7 +153,8 @@ def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, 
 
     # 1. cheap checks before building the model
     check_config_path(config)
-    data_set = MyDataset(root=str(data_root), resolution=resolution, max_image_pixels=max_image_pixels)
+    data_set = MyDataset(root=str(data_root), resolution=resolution, max_image_pixels=max_image_pixels,
+                         columns=columns)
     check_cache_output(out, overwrite)
 
     # 2. the model with the weights training starts from, and the cache

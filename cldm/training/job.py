@@ -26,6 +26,7 @@ from cldm.cli import EXIT_INTERRUPTED
 from cldm.data.data_order import DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
 from cldm.data.latent_cache import LatentCache
+from cldm.data.layouts import columns_from
 from cldm.logger import ImageLogger
 from cldm.model import check_weights_fit, create_model, load_state_dict, load_weights
 from cldm.training.arguments import (
@@ -121,7 +122,7 @@ def check_dataset(dataset: MyDataset, resolution: int | None) -> None:
     listed = [os.path.join(root, record[key]) for record in dataset.data for key in ("source", "target")]
     missing = [path for path in listed if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {root}/prompt.json do not "
+        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {dataset.index_path} do not "
                                 f"exist (the first is {missing[0]}); restore them or remove their lines")
     width, height = dataset.check_item(0)
     if resolution is None and (height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE):
@@ -149,10 +150,10 @@ def default_num_workers(on_gpu: bool, devices: int) -> int:
 
 
 def build_dataset(args: argparse.Namespace) -> MyDataset:
-    """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, checked before any
+    """The data set of `--data_root` (either layout of `cldm.data.layouts`), served from `--latent_cache` when given, checked before any
     heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
-                        seed=args.seed, max_image_pixels=args.max_image_pixels)
+                        seed=args.seed, max_image_pixels=args.max_image_pixels, columns=columns_from(args))
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution)
