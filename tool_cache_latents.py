@@ -20,6 +20,7 @@ from cldm.data.geometry import CROP_POSITIONS, RESIZE_MODES
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from cldm.data.latent_cache import STORAGE_DTYPES
 from cldm.data.latent_cache_writer import cache_latents
+from cldm.data.layouts import add_column_flags, columns_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume_path", type=flags.path, default="./models/control_sd15_ini.ckpt",
                         help="the weights training starts from (their VAE encoder and text encoder are used)")
     parser.add_argument("--data_root", type=flags.path, default="./training/fill50k",
-                        help="folder with prompt.json and the images")
+                        help="data set folder: prompt.json or metadata.jsonl, and the images")
+    add_column_flags(parser)
     parser.add_argument("--resolution", type=flags.positive_int, default=None,
                         help="resize the targets to this size, as training's --resolution (which must be the same)")
     parser.add_argument("--resize", default="crop", choices=RESIZE_MODES,
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = cache_latents(args.config, args.resume_path, args.data_root, args.out, resolution=args.resolution,
                         dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers,
                         device=args.device, overwrite=args.overwrite, max_image_pixels=args.max_image_pixels,
-                        resize=args.resize, crop=args.crop)
+                        resize=args.resize, crop=args.crop, columns=columns_from(args))
     print(f"Wrote the latent cache of {args.data_root} to {out} in {time.perf_counter() - start:.1f} s; train "
           f"with --latent_cache {out}")
     return 0

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_arguments(parser)
     parser.add_argument("--images", type=flags.path, help="score the images of this folder (<index>.png per item, generated "
                         "elsewhere) instead of sampling; no checkpoint needed")
-    parser.add_argument("--data_root", type=flags.path, required=True, help="data set folder holding prompt.json")
+    parser.add_argument("--data_root", type=flags.path, required=True, help="data set folder holding prompt.json or metadata.jsonl")
     parser.add_argument("--items", type=flags.positive_int, default=100, help="score the data set's last ITEMS items")
     parser.add_argument("--resolution", type=flags.positive_int, default=None,
                         help="resize hints to RESOLUTION x RESOLUTION, as training's --resolution")

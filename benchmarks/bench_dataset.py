@@ -1,31 +1,48 @@
-"""Throughput of the Fill50K generator (pairs/s) and of MyDataset behind a DataLoader (samples/s).
+"""Loader throughput: samples/s of one DataLoader worker on a generated Fill50K folder, and the workers a GPU step needs.
+
+One worker's rate is `MyDataset[i]` in a loop in this process (read both PNGs, convert to RGB, resize to
+`--resolution`, make the float hint and target): a DataLoader worker does exactly that, then pickles the sample to
+the main process. "decode only" is the two `cv2.imread`s of a pair, the floor of any PNG layout. The DataLoader rows
+add batching and, with workers, inter-process transfer; on a machine with fewer free cores than workers they show
+the cores, not the loader. "workers for N samples/s" is ceil(N / one worker's rate) for the GPU training rates
+measured in the README (H200: 23.0 samples/s at batch 4 in bf16, 87.2 samples/s with the latent cache at batch 32).
 
 Run from the repository root:
 
-    python -m benchmarks.bench_dataset                                   # 500 pairs at 512 px
+    python -m benchmarks.bench_dataset                                   # 256 pairs at 512 px
     python -m benchmarks.bench_dataset --pairs 16 --size 64 --loader-workers 0   # tiny, for CI
 """
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from cldm.data.fill50k import generate_fill50k
 from cldm.data.dataset import MyDataset
+from cldm.data.fill50k import generate_fill50k
+from cldm.data.images import read_color
+from cldm.data.layouts import IMAGE_KEYS
+
+# GPU training rates measured on one H200 (README, Performance): tutorial_train.py in bf16 at batch 4, and with
+# the latent cache and the optimizer in backward at batch 32.
+GPU_SAMPLES_PER_S = (23.0, 87.2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags; the defaults measure the tutorial's setting (512 px, batch 4)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=500, help="pairs to generate, then to load")
+    parser.add_argument("--pairs", type=int, default=256, help="pairs to generate, then to load")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--resolution", type=int, default=None, help="MyDataset's --resolution (default: --size)")
     parser.add_argument("--generator-workers", type=int, default=2, help="processes of the generator")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to time")
     parser.add_argument("--batch-size", type=int, default=4, help="DataLoader batch size")
+    parser.add_argument("--gpu-samples-per-s", type=float, nargs="+", default=list(GPU_SAMPLES_PER_S),
+                        help="GPU training rates to translate into DataLoader workers")
     return parser
 
 
@@ -36,9 +53,27 @@ def time_generator(folder: Path, pairs: int, size: int, workers: int) -> float:
     return pairs / (time.perf_counter() - started)
 
 
-def time_loader(folder: Path, batch_size: int, num_workers: int) -> float:
+def time_one_worker(dataset: MyDataset) -> float:
+    """Samples per second of `dataset[i]` over every item, after one warm-up item: one worker's rate."""
+    dataset[0]
+    started = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    return len(dataset) / (time.perf_counter() - started)
+
+
+def time_decode(dataset: MyDataset) -> float:
+    """Pairs per second of decoding both PNGs of every item, nothing else."""
+    paths = [str(Path(dataset.root) / item[key]) for item in dataset.data for key in IMAGE_KEYS]
+    started = time.perf_counter()
+    for path in paths:
+        read_color(path)
+    return len(dataset) / (time.perf_counter() - started)
+
+
+def time_loader(dataset: MyDataset, batch_size: int, num_workers: int) -> float:
     """Samples per second of one shuffled epoch, timed from the first batch so that worker start-up is left out."""
-    loader = DataLoader(MyDataset(root=str(folder)), batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers)
     batches = iter(loader)
     next(batches)
     started = time.perf_counter()
@@ -46,24 +81,35 @@ def time_loader(folder: Path, batch_size: int, num_workers: int) -> float:
     return samples / (time.perf_counter() - started)
 
 
+def markdown_table(header: tuple[str, str], rows: list[tuple[str, str]]) -> list[str]:
+    """The rows as a Markdown table, ready to paste into benchmarks/results.md."""
+    return [f"| {header[0]} | {header[1]} |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Generate a temporary data set, time the generator and the loader, print a table."""
+    """Generate a temporary Fill50K folder, time the generator, one worker and the DataLoader, print a table."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.pairs <= args.batch_size:
         parser.error(f"--pairs must exceed --batch-size {args.batch_size} so that batches after the first are timed.")
+    resolution = args.resolution or args.size
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "fill50k"
         rate = time_generator(folder, args.pairs, args.size, args.generator_workers)
-        rows.append((f"generator, {args.generator_workers} workers", f"{rate:.1f} pairs/s"))
+        rows.append((f"generator, --workers {args.generator_workers}", f"{rate:.1f} pairs/s"))
+        dataset = MyDataset(root=str(folder), resolution=resolution)
+        rows.append(("decode only (2 PNGs), 1 worker", f"{time_decode(dataset):.1f} pairs/s"))
+        per_worker = time_one_worker(dataset)
+        rows.append(("MyDataset item, 1 worker", f"{per_worker:.1f} samples/s"))
         for num_workers in args.loader_workers:
-            rate = time_loader(folder, args.batch_size, num_workers)
-            rows.append((f"MyDataset, batch {args.batch_size}, num_workers {num_workers}", f"{rate:.1f} samples/s"))
-    print(f"Fill50K at {args.size} px, {args.pairs} pairs")
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value:>16}")
+            rate = time_loader(dataset, args.batch_size, num_workers)
+            rows.append((f"DataLoader, batch {args.batch_size}, num_workers {num_workers}", f"{rate:.1f} samples/s"))
+    for gpu_rate in args.gpu_samples_per_s:
+        rows.append((f"workers for {gpu_rate:g} samples/s", str(math.ceil(gpu_rate / per_worker))))
+    print(f"Fill50K layout, {args.pairs} pairs of {args.size} px PNGs, --resolution {resolution}")
+    print()
+    print("\n".join(markdown_table(("what", "rate"), rows)))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,13 @@ def path(text: str) -> str:
     return text
 
 
+def column_name(text: str) -> str:
+    """A column of a JSON Lines file: not empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a column name, got an empty string")
+    return text
+
+
 def device(text: str) -> str:
     """A torch device this machine has: `cpu`, `cuda` or `cuda:N`."""
     try:

@@ -59,7 +59,8 @@ from cldm.data.dataset import MyDataset
 
 from run_logs import training_rows, write_log
 from tiny_training import (
-    HELPERS, TINY_CONFIG, differing_tensors, make_data, make_initial_weights, subprocess_env, train_in_stops,
+    HELPERS, TINY_CONFIG, as_image_folder, differing_tensors, make_data, make_initial_weights, subprocess_env,
+    train_in_stops,
 )
 from tests.helpers.paths import REPO_ROOT
 
@@ -509,7 +510,8 @@ def _(inputs, tmp, monkeypatch):
 def _(inputs, tmp, monkeypatch):
     (tmp / "data").mkdir()
     return Case(tutorial_train.main, _train(inputs, tmp, data=tmp / "data"),
-                f"{tmp}/data/prompt.json does not exist; the data set folder must hold a prompt.json.")
+                f"{tmp}/data/prompt.json does not exist; the data set folder must hold a prompt.json (Fill50K "
+                f"layout) or a metadata.jsonl (image-folder layout).")
 
 
 @row("train-prompt-json-malformed-line")
@@ -1523,6 +1525,67 @@ def _(inputs, tmp, monkeypatch):
                                               "--resume_from_checkpoint", "last"],
                 "--buckets resumes an epoch only in batches of the run's size, and --batch_size 1 differs from its 2; "
                 "resume with --batch_size 2", in_training=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data set layouts (cldm.data.layouts): the image-folder layout's metadata.jsonl
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_folder(inputs: Inputs, tmp: Path, rows: list[dict] | None = None) -> Path:
+    """A copy of the 4-pair data set in the image-folder layout; `rows` replace its metadata.jsonl lines."""
+    folder = as_image_folder(Path(shutil.copytree(inputs.data, tmp / "folder")))
+    if rows is not None:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+@row("layout-mixed")
+def _(inputs, tmp, monkeypatch):
+    folder = _image_folder(inputs, tmp)
+    shutil.copy(inputs.data / "prompt.json", folder)
+    return Case(tutorial_train.main, _train(inputs, tmp, data=folder),
+                f"Data set folder {folder} holds both prompt.json (Fill50K layout) and metadata.jsonl (image-folder "
+                f"layout); keep the one that lists your items and move the other away.")
+
+
+@row("layout-metadata-missing-column")
+def _(inputs, tmp, monkeypatch):
+    folder = _image_folder(inputs, tmp, [{"image": "target/0.png", "conditioning_image": "source/0.png", "text": "a"},
+                                         {"image": "target/1.png", "conditioning_image": "source/1.png", "txt": "b"}])
+    return Case(tutorial_train.main, _train(inputs, tmp, data=folder),
+                f"Line 2 of {folder}/metadata.jsonl has no text column 'text' (its columns: image, "
+                f"conditioning_image, txt); add it, or name the column to read with --caption_column.")
+
+
+@row("layout-metadata-missing-file")
+def _(inputs, tmp, monkeypatch):
+    folder = _image_folder(inputs, tmp, [{"image": "target/0.png", "conditioning_image": "hints/0.png", "text": "a"}])
+    return Case(tool_cache_latents.main, _cache(inputs, folder),
+                f"Line 1 of {folder}/metadata.jsonl gives the conditioning_image 'hints/0.png', which does not exist; "
+                f"restore the file or remove the line.")
+
+
+@row("layout-metadata-image-outside")
+def _(inputs, tmp, monkeypatch):
+    folder = _image_folder(inputs, tmp, [{"image": "../target/0.png", "conditioning_image": "source/0.png",
+                                          "text": "a"}])
+    return Case(tool_eval_control.main, [*_eval(inputs, "--images", tmp), "--data_root", folder],
+                f"Line 1 of {folder}/metadata.jsonl gives the image '../target/0.png', {OUTSIDE}")
+
+
+@row("layout-columns-on-fill50k")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--caption_column", "prompt"),
+                f"--image_column, --conditioning_image_column and --caption_column name the columns of a "
+                f"metadata.jsonl, but {inputs.data} has the Fill50K layout ({inputs.data}/prompt.json); leave "
+                f"those flags out.")
+
+
+@row("layout-column-empty")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--image_column", ""),
+                "argument --image_column/--image-column: must be a column name, got an empty string")
 
 
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:

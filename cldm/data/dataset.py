@@ -1,13 +1,13 @@
-"""The tutorial's data set: Fill50K-format folders of (source, target, prompt) items for ControlNet training.
+"""The tutorial's data set: folders of (source, target, prompt) items for ControlNet training.
 
-A data set folder holds ``prompt.json`` (JSON Lines, one ``{"source", "target", "prompt"}`` object per
-line, image paths relative to the folder) and the images it lists. Make Fill50K with
-``python tool_make_fill50k.py`` or unzip ``training/fill50k.zip`` into ``training/fill50k/``.
+A data set folder holds ``prompt.json`` (the Fill50K layout: JSON Lines, one ``{"source", "target", "prompt"}``
+object per line, image paths relative to the folder) or ``metadata.jsonl`` (the image-folder layout of diffusers'
+users), and the images it lists; `cldm.data.layouts` reads either. Make Fill50K with ``python tool_make_fill50k.py``
+or unzip ``training/fill50k.zip`` into ``training/fill50k/``.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 
@@ -20,68 +20,10 @@ from cldm.data.data_order import Visit
 from cldm.data.geometry import ASPECT_TOLERANCE_PX, CROP_POSITIONS, RESIZE_MODES, frame, resize, same_aspect_ratio
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, header_size, read_color
 from cldm.data.latent_cache import LatentCache
+from cldm.data.layouts import IMAGE_KEYS, Columns, index_path, read_records
 
-REQUIRED_KEYS = ("source", "target", "prompt")
-IMAGE_KEYS = ("source", "target")
 # Key of a visit's crop draws, beside (seed, epoch, index), so that they are independent of prompt dropout's.
 CROP_STREAM = 1
-
-
-def read_prompt_file(path: str) -> list[dict[str, str]]:
-    """The records of a JSON Lines prompt file, blank lines skipped; errors name the line number.
-
-    Image paths must stay inside the prompt file's folder once symlinks are resolved: an absolute path, a `..` that
-    leaves the folder or a symlink pointing out of it is refused.
-    """
-    with open(path, "rb") as file:
-        raw_lines = file.read().splitlines()
-    folder = _InsideFolder(os.path.dirname(path) or ".")
-    records = [_parse_line(raw, number, path, folder) for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
-    if not records:
-        raise ValueError(f"{path} lists no items; add one JSON object per line with keys {', '.join(REQUIRED_KEYS)}.")
-    return records
-
-
-def _parse_line(raw: bytes, number: int, path: str, folder: _InsideFolder) -> dict[str, str]:
-    try:
-        text = raw.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError:
-        raise ValueError(f"Line {number} of {path} is not UTF-8 text; save the file as UTF-8.") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"Line {number} of {path} is not valid JSON ({error.msg}).") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"Line {number} of {path} is not a JSON object with keys {', '.join(REQUIRED_KEYS)}.")
-    for key in REQUIRED_KEYS:
-        if not isinstance(record.get(key), str):
-            raise ValueError(f"Line {number} of {path} lacks the text key {key!r}.")
-    for key in IMAGE_KEYS:
-        if not folder.holds(record[key]):
-            raise ValueError(f"Line {number} of {path} gives the {key} image {record[key]!r}, which is outside the "
-                             f"data set folder; give a path inside it (relative, with no '..' or symlink leading out).")
-    return record
-
-
-class _InsideFolder:
-    """Whether relative paths resolve (symlinks followed) to a place inside a folder; each subfolder is resolved
-    once, so a prompt file of 50,000 items costs one `lstat` per image."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.realpath(root)
-        self._prefix = os.path.join(self.root, "")
-        self._resolved: dict[str, str] = {}
-
-    def holds(self, relative_path: str) -> bool:
-        if os.path.isabs(relative_path) or "\0" in relative_path:
-            return False
-        parent, name = os.path.split(os.path.join(self.root, relative_path))
-        if parent not in self._resolved:
-            self._resolved[parent] = os.path.realpath(parent)
-        resolved = os.path.join(self._resolved[parent], name)
-        if name in ("", ".", "..") or os.path.islink(resolved):
-            resolved = os.path.realpath(resolved)
-        return resolved == self.root or resolved.startswith(self._prefix)
 
 
 def _check_same_aspect_ratio(item: dict[str, str], source_size: tuple[int, int],
@@ -112,7 +54,8 @@ def _target_array(target: np.ndarray) -> np.ndarray:
 
 
 class MyDataset(Dataset):
-    """Items of ``<root>/prompt.json`` as ``dict(jpg=target in [-1, 1], txt=prompt, hint=source in [0, 1])``.
+    """Items of ``<root>/prompt.json`` or ``<root>/metadata.jsonl`` (`cldm.data.layouts`) as
+    ``dict(jpg=target in [-1, 1], txt=prompt, hint=source in [0, 1])``.
 
     Both images are float32 RGB arrays of shape (H, W, 3). With the defaults this is the original
     tutorial's data set. A source of another size than its target (and of its aspect ratio) is resized to the
@@ -123,7 +66,7 @@ class MyDataset(Dataset):
     DataLoader workers derive from the main process's torch seed.
 
     Args:
-        root: the data set folder holding prompt.json.
+        root: the data set folder holding prompt.json or metadata.jsonl.
         resolution: if set, both images become resolution x resolution (a positive multiple of 8), as `resize` says.
         resize: "crop": resize the short side to `resolution` and crop the long one (`cldm.data.geometry`);
             "stretch": resize the whole image, squashing a non-square one (the original's). Square images give the
@@ -134,6 +77,7 @@ class MyDataset(Dataset):
         latent_cache: a cache of this data set (tool_cache_latents.py): items then hold the target's posterior
             moments and the prompt's embedding (`LatentCache.item`) instead of `jpg`, and no target is read.
         max_image_pixels: an image whose header gives more pixels is refused before it is decoded.
+        columns: the columns of a metadata.jsonl (`cldm.data.layouts.Columns`; diffusers' names by default).
     """
 
     def __init__(
@@ -146,6 +90,7 @@ class MyDataset(Dataset):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         resize: str = "crop",
         crop: str = "center",
+        columns: Columns = Columns(),
     ) -> None:
         if resolution is not None and (resolution <= 0 or resolution % 8):
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}.")
@@ -163,9 +108,7 @@ class MyDataset(Dataset):
             raise FileNotFoundError(
                 f"Data set folder {root} does not exist; make it with tool_make_fill50k.py or unzip fill50k.zip there."
             )
-        prompt_path = os.path.join(root, "prompt.json")
-        if not os.path.isfile(prompt_path):
-            raise FileNotFoundError(f"{prompt_path} does not exist; the data set folder must hold a prompt.json.")
+        self.index_path = index_path(root)
         self.root = root
         self.resolution = resolution
         self.prompt_dropout = prompt_dropout
@@ -175,7 +118,7 @@ class MyDataset(Dataset):
         self.resize = resize
         self.crop = crop
         self.out_sizes: list[tuple[int, int]] | None = None  # (width, height) of each item instead (--buckets)
-        self.data = read_prompt_file(prompt_path)
+        self.data = read_records(self.index_path, columns)
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple[int, int] | None = None
 
@@ -247,7 +190,7 @@ class MyDataset(Dataset):
         """The image's path; a missing, unreadable or too large image becomes one sentence naming it."""
         path = os.path.join(self.root, relative_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"Image {path} listed in prompt.json does not exist.")
+            raise FileNotFoundError(f"Image {path} listed in {os.path.basename(self.index_path)} does not exist.")
         try:
             yield path
         except UnreadableImageError:

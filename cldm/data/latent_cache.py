@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cldm.data.layouts import index_path
 from ldm.checkpoint import PathLike
 from ldm.models.diffusion.ddpm import LATENT_MOMENTS_KEY, TEXT_EMBEDDING_KEY
 
@@ -87,12 +88,14 @@ def encoder_fingerprints(state_dict: Mapping[str, torch.Tensor]) -> dict[str, st
 
 
 def data_set_fingerprint(root: PathLike, records: Iterable[Mapping[str, str]]) -> str:
-    """SHA-256 of `<root>/prompt.json`'s bytes and each target's path, size and modification time."""
-    digest = hashlib.sha256(Path(root, "prompt.json").read_bytes())
+    """SHA-256 of the bytes of `<root>/prompt.json` (or metadata.jsonl) and each target's path, size and modification
+    time."""
+    index = index_path(str(root))
+    digest = hashlib.sha256(Path(index).read_bytes())
     for record in records:
         path = Path(root, record["target"])
         if not path.is_file():
-            raise FileNotFoundError(f"Image {path} listed in prompt.json does not exist.")
+            raise FileNotFoundError(f"Image {path} listed in {os.path.basename(index)} does not exist.")
         stat = path.stat()
         digest.update(f"{record['target']}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -189,7 +192,7 @@ class LatentCache:
         if resolution is not None and resize != made_resize:
             self._refuse(f"it was made with --resize {made_resize} and this run has --resize {resize}")
         if len(records) != len(self):
-            self._refuse(f"it holds {len(self)} items and {root}/prompt.json lists {len(records)}")
+            self._refuse(f"it holds {len(self)} items and {index_path(str(root))} lists {len(records)}")
         if data_set_fingerprint(root, records) != self.manifest["data_set_sha256"]:
             self._refuse(f"{FINGERPRINTS['data_set_sha256']} changed since it was made")
 

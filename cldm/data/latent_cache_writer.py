@@ -30,6 +30,7 @@ from cldm.data.latent_cache import (
     default_cache_folder,
     encoder_fingerprints,
 )
+from cldm.data.layouts import Columns
 from cldm.model import check_config_path, create_model, load_state_dict, load_weights
 from ldm.checkpoint import PathLike
 
@@ -136,11 +137,12 @@ def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, 
                   resolution: int | None = None, dtype: str = "bfloat16", batch_size: int = 32,
                   num_workers: int | None = None, device: str | torch.device | None = None,
                   overwrite: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, resize: str = "crop",
-                  crop: str = "center") -> Path:
+                  crop: str = "center", columns: Columns = Columns()) -> Path:
     """The work of tool_cache_latents.py: check the inputs, build the model of `config` with the weights of
     `resume_path`, and write the cache of the data set at `data_root` to `out` (default `<data_root>/latent_cache`).
     Images with more than `max_image_pixels` pixels are refused, as in training; `resize` and `crop` frame them as
-    training's flags do (`crop` "random" is refused: a cache holds one crop per image).
+    training's flags do (`crop` "random" is refused: a cache holds one crop per image); `columns` name the columns
+    of a metadata.jsonl.
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be a positive number, got {batch_size}")
@@ -158,7 +160,7 @@ def cache_latents(config: PathLike, resume_path: PathLike, data_root: PathLike, 
     # 1. cheap checks before building the model
     check_config_path(config)
     data_set = MyDataset(root=str(data_root), resolution=resolution, max_image_pixels=max_image_pixels,
-                         resize=resize)
+                         resize=resize, columns=columns)
     check_cache_output(out, overwrite)
 
     # 2. the model with the weights training starts from, and the cache

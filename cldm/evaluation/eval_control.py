@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ def held_out_indices(length: int, count: int, source: PathLike) -> range:
 def load_items(data_root: PathLike, count: int, resolution: int | None = None) -> list[EvalItem]:
     """The last `count` items of the data set in `data_root` (resized to `resolution` as training does)."""
     dataset = MyDataset(root=str(data_root), resolution=resolution)
-    indices = held_out_indices(len(dataset), count, os.path.join(data_root, "prompt.json"))
+    indices = held_out_indices(len(dataset), count, dataset.index_path)
     return dataset_items(dataset, indices)
 
 

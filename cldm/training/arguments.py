@@ -18,6 +18,7 @@ from cldm.checkpoints.paths import check_run_folder
 from cldm.data.geometry import CROP_POSITIONS, RESIZE_MODES, check_random_crop
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, check_resolution_pixels
 from cldm.data.latent_cache import default_cache_folder
+from cldm.data.layouts import add_column_flags
 from cldm.training.batch_probe import MAX_BATCH
 from cldm.training.callbacks import newest_checkpoint
 from cldm.training.evaluation import DEFAULT_VAL_ITEMS, EVAL_DEFAULTS, check_evaluation_args
@@ -133,7 +134,9 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
 
     data = parser.add_argument_group("data")
     _flag(data, "data_root", type=flags.path, default="./training/fill50k",
-          help="folder with prompt.json, source/ and target/")
+          help="data set folder: prompt.json and its images (Fill50K layout), or metadata.jsonl and its images "
+               "(image-folder layout)")
+    add_column_flags(data)
     _flag(data, "resolution", type=flags.positive_int, default=None, help="resize images to this size (multiple of 64)")
     _flag(data, "resize", default="crop", choices=RESIZE_MODES,
           help="with --resolution: 'crop' resizes the short side to it and crops the long side (nothing is "

@@ -23,6 +23,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from cldm.checkpoints.atomic import remove_stale_temporary_files
 from cldm.data.dataset import MyDataset
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from cldm.data.layouts import Columns, columns_from
 from cldm.evaluation.evaluate import DEFAULT_BATCH_SIZE, EvalItem, dataset_items, evaluate_control, write_grid
 from cldm.evaluation.metrics import CONTROL_F1
 from cldm.evaluation.run_plot import plot_run
@@ -69,7 +70,7 @@ def check_evaluation_args(args: argparse.Namespace) -> None:
             setattr(args, name, default)
     if args.val_data_root is not None:
         try:  # the folder and its prompt.json
-            MyDataset(root=args.val_data_root)
+            MyDataset(root=args.val_data_root, columns=columns_from(args))
         except (OSError, ValueError) as error:
             raise type(error)(f"--val_data_root: {error}") from error
     elif args.val_items is None:
@@ -103,18 +104,21 @@ class ValidationSet:
     resolution: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     resize: str = "crop"
+    columns: Columns = Columns()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ValidationSet:
         if args.val_data_root is not None:
-            return cls(args.val_data_root, None, args.resolution, args.max_image_pixels, args.resize)
-        return cls(args.data_root, args.val_items, args.resolution, args.max_image_pixels, args.resize)
+            return cls(args.val_data_root, None, args.resolution, args.max_image_pixels, args.resize,
+                       columns_from(args))
+        return cls(args.data_root, args.val_items, args.resolution, args.max_image_pixels, args.resize,
+                   columns_from(args))
 
     def items(self) -> list[EvalItem]:
         """The items as uint8 hints and targets with their prompts (centre crops under `--resize crop`, also when
         training crops at random)."""
         dataset = MyDataset(root=self.root, resolution=self.resolution, max_image_pixels=self.max_image_pixels,
-                            resize=self.resize)
+                            resize=self.resize, columns=self.columns)
         start = 0 if self.count is None else len(dataset) - self.count
         return dataset_items(dataset, range(start, len(dataset)))
 

@@ -27,6 +27,7 @@ from cldm.data.buckets import assign_buckets, bucket_histogram, bucket_sizes
 from cldm.data.data_order import BucketBatchSampler, DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
 from cldm.data.latent_cache import LatentCache
+from cldm.data.layouts import columns_from
 from cldm.logger import ImageLogger
 from cldm.model import check_weights_fit, create_model, load_state_dict, load_weights
 from cldm.training.arguments import (
@@ -123,7 +124,7 @@ def check_dataset(dataset: MyDataset, resolution: int | None) -> None:
     listed = [os.path.join(root, record[key]) for record in dataset.data for key in ("source", "target")]
     missing = [path for path in listed if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {root}/prompt.json do not "
+        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {dataset.index_path} do not "
                                 f"exist (the first is {missing[0]}); restore them or remove their lines")
     width, height = dataset.check_item(0)
     if resolution is None and (height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE):
@@ -151,17 +152,20 @@ def default_num_workers(on_gpu: bool, devices: int) -> int:
 
 
 def build_dataset(args: argparse.Namespace) -> MyDataset:
-    """The Fill50K-format data set of `--data_root`, served from `--latent_cache` when given, less the last
-    `--val_items` items (held out for evaluation); it and `--val_data_root` are checked before any heavy work."""
+    """The data set of `--data_root` (either layout of `cldm.data.layouts`), served from `--latent_cache` when given,
+    less the last `--val_items` items (held out for evaluation); it and `--val_data_root` are checked before any
+    heavy work."""
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
-                        seed=args.seed, max_image_pixels=args.max_image_pixels, resize=args.resize, crop=args.crop)
+                        seed=args.seed, max_image_pixels=args.max_image_pixels, resize=args.resize, crop=args.crop,
+                        columns=columns_from(args))
     if args.latent_cache is not None:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution, args.resize)
     check_dataset(dataset, args.resolution)
     if args.val_data_root is not None:
         check_dataset(MyDataset(root=args.val_data_root, resolution=args.resolution,
-                                max_image_pixels=args.max_image_pixels, resize=args.resize), args.resolution)
+                                max_image_pixels=args.max_image_pixels, resize=args.resize,
+                                columns=columns_from(args)), args.resolution)
     elif args.val_items is not None:
         hold_out(dataset, args.val_items)
     if args.buckets:

@@ -12,14 +12,15 @@ from typing import Any
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 
+from cldm.data.layouts import index_path
 from cldm.training.batch_probe import MAX_BATCH
 from ldm.checkpoint import read_checkpoint
 
 
 def run_settings(args: argparse.Namespace, items: int) -> dict[str, Any]:
     """What a resumed run compares: the flags that shape training, and the data set's identity (its item count and
-    the SHA-256 of its prompt.json)."""
-    prompt_json = Path(args.data_root, "prompt.json").read_bytes()
+    the SHA-256 of its prompt.json or metadata.jsonl)."""
+    prompt_json = Path(index_path(args.data_root)).read_bytes()
     return {"batch_size": args.batch_size, "seed": args.seed, "precision": args.precision,
             "learning_rate": args.learning_rate, "sd_locked": args.sd_locked, "items": items,
             "prompt_json_sha256": hashlib.sha256(prompt_json).hexdigest()}

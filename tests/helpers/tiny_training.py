@@ -1,6 +1,7 @@
 """Tiny training set-ups for the reliability tests: initial weights, a Fill50K-format data set, arguments."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,19 @@ def make_data(folder: Path, count: int) -> Path:
     """A Fill50K-format data set of `count` 64 px pairs."""
     argv = ["--out", str(folder), "--count", str(count), "--size", "64", "--workers", "1", "--quiet"]
     assert tool_make_fill50k.main(argv) == 0
+    return folder
+
+
+def as_image_folder(folder: Path, image: str = "image", conditioning_image: str = "conditioning_image",
+                    caption: str = "text") -> Path:
+    """The Fill50K-format data set `folder` turned into the image-folder layout: its prompt.json rewritten as a
+    metadata.jsonl with these column names (the images stay where they are)."""
+    lines = (folder / "prompt.json").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    rows = [{image: record["target"], conditioning_image: record["source"], caption: record["prompt"]}
+            for record in records]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    (folder / "prompt.json").unlink()
     return folder
 
 

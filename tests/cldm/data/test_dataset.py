@@ -11,7 +11,6 @@ import pytest
 from torch.utils.data import DataLoader
 
 import tutorial_dataset_test
-from benchmarks import bench_dataset
 from cldm.data.data_order import ResumableRandomSampler, Visit
 from cldm.data.fill50k import generate_fill50k
 from tutorial_dataset import MyDataset
@@ -324,13 +323,6 @@ def test_tutorial_dataset_test_reports_errors(fill50k, tmp_path, capsys):
     assert capsys.readouterr().err == "error: --index must be below the data set's length 8, got 1234.\n"
     assert tutorial_dataset_test.main(["--root", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error: Data set folder")
-
-
-def test_benchmark_runs_tiny(capsys):
-    bench_dataset.main(["--pairs", "12", "--size", "64", "--generator-workers", "1", "--loader-workers", "0"])
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == "Fill50K at 64 px, 12 pairs"
-    assert "pairs/s" in out[1] and "samples/s" in out[2] and len(out) == 3
 
 
 # --------------------------------------------------------------------------------------------
