@@ -812,6 +812,20 @@ def _(inputs, tmp, monkeypatch):
                 f"--resume_from_checkpoint: checkpoint '{checkpoint}' does not fit config '{wide}': ")
 
 
+@row("train-resume-other-buckets")
+def _(inputs, tmp, monkeypatch):
+    checkpoint = tmp / "run_without_buckets.ckpt"
+    settings = {"batch_size": 2, "seed": None, "precision": "32-true", "learning_rate": 1e-5, "sd_locked": True,
+                "resize": "crop", "crop": "center", "buckets": False, "items": 4, "prompt_json_sha256": ""}
+    torch.save({"state_dict": {}, "global_step": 1, "loops": {}, "optimizer_states": [],
+                "callbacks": {"RunSettings": settings}}, checkpoint)
+    argv = _train(inputs, tmp, "--resume_from_checkpoint", checkpoint, "--buckets", "--resolution", "64")
+    return Case(tutorial_train.main, argv,
+                f"--buckets: the run in {checkpoint} trained without --buckets, and its position in the data order "
+                f"counts samples, which this run cannot continue from; resume without --buckets, or start a new run "
+                f"from its weights with --resume_path {checkpoint}")
+
+
 @row("train-resume-other-sd-locked")
 def _(inputs, tmp, monkeypatch):
     checkpoint = tmp / "locked_run.ckpt"
@@ -1761,6 +1775,12 @@ def test_row_train_resume_other_seed(inputs: Inputs, run_checkpoint: Path, tmp_p
         f"streams and data order, so --seed 4 is not used"]
 
 
+def test_row_train_resume_other_resize(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
+    assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--resize", "stretch") == [
+        f"--resize stretch differs from the framing --resize crop --crop center of the run in {run_checkpoint}; the "
+        f"images are framed by --resize stretch from here on"]
+
+
 def test_row_train_resume_other_precision(inputs: Inputs, run_checkpoint: Path, tmp_path: Path) -> None:
     assert _resumed_warnings(inputs, run_checkpoint, tmp_path, "--precision", "bf16-mixed") == [
         f"--precision bf16-mixed differs from the precision 32-true of the run in {run_checkpoint}; training "
@@ -1817,6 +1837,7 @@ ACCEPTED_ROWS = {
     "train-resume-other-batch-size": test_row_train_resume_other_batch_size,
     "train-resume-other-seed": test_row_train_resume_other_seed,
     "train-resume-other-precision": test_row_train_resume_other_precision,
+    "train-resume-other-resize": test_row_train_resume_other_resize,
     "train-resume-other-data-set": test_row_train_resume_other_data_set,
     "train-resume-other-learning-rate": test_row_train_resume_other_learning_rate,
     "train-source-other-size-same-aspect": test_row_train_source_other_size_same_aspect,

@@ -1,5 +1,5 @@
-"""Resuming a run with other settings: the run's batch size, seed, precision, learning rate, `--sd_locked` and data
-set are saved in its checkpoints (`RunSettings`), and a run resumed with other ones says, before any heavy work, what
+"""Resuming a run with other settings: the run's batch size, seed, precision, learning rate, `--sd_locked`, image
+framing (`--resize`, `--crop`, `--buckets`) and data set are saved in its checkpoints (`RunSettings`), and a run resumed with other ones says, before any heavy work, what
 changed and what it does about it, or why it cannot continue (`check_resumed_settings`)."""
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def run_settings(args: argparse.Namespace, items: int) -> dict[str, Any]:
     the SHA-256 of its prompt.json or metadata.jsonl)."""
     prompt_json = Path(index_path(args.data_root)).read_bytes()
     return {"batch_size": args.batch_size, "seed": args.seed, "precision": args.precision,
-            "learning_rate": args.learning_rate, "sd_locked": args.sd_locked, "items": items,
-            "prompt_json_sha256": hashlib.sha256(prompt_json).hexdigest()}
+            "learning_rate": args.learning_rate, "sd_locked": args.sd_locked, "resize": args.resize, "crop": args.crop,
+            "buckets": args.buckets, "items": items, "prompt_json_sha256": hashlib.sha256(prompt_json).hexdigest()}
 
 
 class RunSettings(Callback):
@@ -56,6 +56,10 @@ def _changes(saved: Mapping[str, Any], now: Mapping[str, Any], checkpoint: str) 
         changes.append(f"--learning_rate {now['learning_rate']} differs from the learning rate "
                        f"{saved['learning_rate']} of {run}; the optimizer state restores {saved['learning_rate']}, so "
                        f"--learning_rate {now['learning_rate']} is not used")
+    framing = [f"--{name} {now[name]}" for name in ("resize", "crop") if saved.get(name, now[name]) != now[name]]
+    if framing:
+        changes.append(f"{' and '.join(framing)} {'differs' if len(framing) == 1 else 'differ'} from the framing --resize {saved['resize']} --crop "
+                       f"{saved['crop']} of {run}; the images are framed by {' and '.join(framing)} from here on")
     if saved["prompt_json_sha256"] != now["prompt_json_sha256"]:
         items = (f"still {now['items']} items" if now["items"] == saved["items"]
                  else f"{now['items']} items, was {saved['items']}")
@@ -67,7 +71,8 @@ def _changes(saved: Mapping[str, Any], now: Mapping[str, Any], checkpoint: str) 
 def check_resumed_settings(args: argparse.Namespace, settings: Mapping[str, Any]) -> None:
     """Warn, one sentence each, about the settings of this run (`settings`, from `run_settings`) that differ from
     those saved in `--resume_from_checkpoint`, and refuse another `--sd_locked`, whose trainable weights do not fit
-    the optimizer state; a checkpoint without settings (an older run's) is not compared."""
+    the optimizer state, and another `--buckets`, whose data order counts otherwise; a checkpoint without settings
+    (an older run's) is not compared, nor a setting it does not hold."""
     if args.resume_from_checkpoint is None:
         return
     checkpoint = read_checkpoint(args.resume_from_checkpoint, mmap=True)
@@ -79,5 +84,11 @@ def check_resumed_settings(args: argparse.Namespace, settings: Mapping[str, Any]
         raise ValueError(f"{flag} trains other weights than the run in {args.resume_from_checkpoint}, which trained "
                          f"with {then}, so its optimizer state does not fit; resume with {then}, or start a new run "
                          f"from its weights with --resume_path {args.resume_from_checkpoint}")
+    if saved.get("buckets", settings["buckets"]) != settings["buckets"]:
+        flag, then = ("--buckets", "without --buckets") if settings["buckets"] else ("no --buckets", "with --buckets")
+        raise ValueError(f"{flag}: the run in {args.resume_from_checkpoint} trained {then}, and its position in the "
+                         f"data order counts {'samples' if settings['buckets'] else 'bucket batches'}, which this run "
+                         f"cannot continue from; resume {then}, or start a new run from its weights with --resume_path "
+                         f"{args.resume_from_checkpoint}")
     for change in _changes(saved, settings, args.resume_from_checkpoint):
         rank_zero_warn(change)

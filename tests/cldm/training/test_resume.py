@@ -43,7 +43,8 @@ def _args(tmp_path: Path, checkpoint: Path | None, **flags) -> argparse.Namespac
     data.mkdir(exist_ok=True)
     if not (data / "prompt.json").exists():
         (data / "prompt.json").write_text(json.dumps({"source": "s.png", "target": "t.png", "prompt": "p"}) + "\n")
-    settings = dict(batch_size=2, seed=3, precision="32-true", learning_rate=1e-5, sd_locked=True, data_root=str(data))
+    settings = dict(batch_size=2, seed=3, precision="32-true", learning_rate=1e-5, sd_locked=True, resize="crop",
+                    crop="center", buckets=False, data_root=str(data))
     return argparse.Namespace(resume_from_checkpoint=None if checkpoint is None else str(checkpoint),
                               **{**settings, **flags})
 
@@ -62,6 +63,8 @@ def _checkpoint_with_settings(tmp_path: Path, settings: dict | None) -> Path:
                 "streams and data order, so --seed 5 is not used"),
     ("precision", "bf16-mixed", "--precision bf16-mixed differs from the precision 32-true of the run in {ckpt}; "
                                 "training continues in bf16-mixed"),
+    ("resize", "stretch", "--resize stretch differs from the framing --resize crop --crop center of the run in {ckpt}; "
+                          "the images are framed by --resize stretch from here on"),
     ("learning_rate", 2e-5, "--learning_rate 2e-05 differs from the learning rate 1e-05 of the run in {ckpt}; the "
                             "optimizer state restores 1e-05, so --learning_rate 2e-05 is not used"),
 ])
@@ -117,3 +120,20 @@ def test_another_sd_locked_is_refused(tmp_path: Path, saved_locked: bool, flag: 
     assert str(error.value) == (
         f"{flag} trains other weights than the run in {checkpoint}, which trained with {then}, so its optimizer "
         f"state does not fit; resume with {then}, or start a new run from its weights with --resume_path {checkpoint}")
+
+
+@pytest.mark.parametrize("saved,now", [(False, True), (True, False)])
+def test_another_buckets_setting_is_refused(tmp_path: Path, saved: bool, now: bool) -> None:
+    checkpoint = _checkpoint_with_settings(tmp_path, run_settings(_args(tmp_path, None, buckets=saved), items=1))
+    args = _args(tmp_path, checkpoint, buckets=now)
+    with pytest.raises(ValueError, match=r"(--buckets|no --buckets): the run in .* trained (without|with) --buckets, "
+                                         r"and its position in the data order counts"):
+        check_resumed_settings(args, run_settings(args, items=1))
+
+
+def test_a_checkpoint_without_the_framing_settings_is_not_compared_on_them(tmp_path: Path) -> None:
+    saved = run_settings(_args(tmp_path, None), items=1)
+    for name in ("resize", "crop", "buckets"):
+        del saved[name]
+    args = _args(tmp_path, _checkpoint_with_settings(tmp_path, saved), resize="stretch", buckets=True)
+    check_resumed_settings(args, run_settings(args, items=1))  # neither a warning nor an error
