@@ -16,6 +16,9 @@ from collections.abc import Sequence
 
 from cldm import flags
 from cldm.cli import add_debug_argument, run
+from cldm.data.geometry import RESIZE_MODES
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from cldm.data.layouts import add_column_flags, columns_from
 from cldm.evaluation.eval_control import EvalSettings, evaluate_to_files, format_table
 from cldm.evaluation.evaluate import DEFAULT_BATCH_SIZE
 from cldm.sampling import PRECISIONS, add_weight_arguments, weight_sources
@@ -35,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--items", type=flags.positive_int, default=100, help="score the data set's last ITEMS items")
     parser.add_argument("--resolution", type=flags.positive_int, default=None,
                         help="resize hints to RESOLUTION x RESOLUTION, as training's --resolution")
+    parser.add_argument("--resize", default="crop", choices=RESIZE_MODES,
+                        help="with --resolution: crop to a square or stretch, as training's --resize")
+    parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse an image whose header gives more pixels than this, before decoding it "
+                             "(default: 8192x8192)")
+    add_column_flags(parser)
     parser.add_argument("--seed", type=flags.seed, default=0, help="item i starts from noise seeded by (seed, i)")
     parser.add_argument("--ddim_steps", type=flags.ddim_steps, default=20, help="DDIM steps")
     parser.add_argument("--guidance_scale", type=flags.non_negative_finite_float, default=9.0, help="classifier-free guidance scale")
@@ -59,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = weight_sources(args) if given else None
     result = evaluate_to_files(args.data_root, args.items, weights=weights, images=args.images, settings=settings,
                                resolution=args.resolution, device_name=args.device, json_path=args.json,
-                               grid=args.grid, overwrite=args.overwrite)
+                               grid=args.grid, overwrite=args.overwrite, resize=args.resize,
+                               columns=columns_from(args), max_image_pixels=args.max_image_pixels)
     print(format_table(result))
     return 0
 

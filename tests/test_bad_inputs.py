@@ -1285,6 +1285,13 @@ def _(inputs, tmp, monkeypatch):
                 f"--items 10 is more than the 4 items in {inputs.data}/prompt.json; use at most 4")
 
 
+@row("eval-resolution-too-large")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_eval_control.main, _eval(inputs, "--resolution", "16384", "--ckpt", inputs.initial),
+                "--resolution 16384 makes images of 16384x16384 px, more than the 67108864 pixels allowed; use a "
+                "smaller --resolution or raise --max_image_pixels")
+
+
 @row("eval-items-zero")
 def _(inputs, tmp, monkeypatch):
     return Case(tool_eval_control.main, _eval(inputs, "--items", "0", "--ckpt", inputs.initial),

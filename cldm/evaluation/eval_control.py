@@ -15,7 +15,11 @@ import numpy as np
 from cldm.checkpoints.atomic import atomic_write
 from cldm.checkpoints.paths import check_output_path
 from cldm.data.dataset import MyDataset
-from cldm.data.images import TooManyPixelsError, UnreadableImageError, read_color
+from cldm.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, check_pixel_limit, check_resolution_pixels,
+    read_color,
+)
+from cldm.data.layouts import Columns
 from cldm.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     EvalItem,
@@ -60,9 +64,14 @@ def held_out_indices(length: int, count: int, source: PathLike) -> range:
     return range(length - count, length)
 
 
-def load_items(data_root: PathLike, count: int, resolution: int | None = None) -> list[EvalItem]:
-    """The last `count` items of the data set in `data_root` (resized to `resolution` as training does)."""
-    dataset = MyDataset(root=str(data_root), resolution=resolution)
+def load_items(data_root: PathLike, count: int, resolution: int | None = None, resize: str = "crop",
+               columns: Columns = Columns(), max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[EvalItem]:
+    """The last `count` items of the data set in `data_root` (framed to `resolution` by `resize` as training does;
+    `columns` name the columns of a metadata.jsonl); images over `max_image_pixels` are refused, as in training."""
+    check_pixel_limit(max_image_pixels, "--max_image_pixels")
+    check_resolution_pixels(resolution, max_image_pixels)
+    dataset = MyDataset(root=str(data_root), resolution=resolution, resize=resize, columns=columns,
+                        max_image_pixels=max_image_pixels)
     indices = held_out_indices(len(dataset), count, dataset.index_path)
     return dataset_items(dataset, indices)
 
@@ -153,7 +162,9 @@ def _check_outputs(json_path: PathLike | None, grid: PathLike | None, overwrite:
 def evaluate_to_files(data_root: PathLike, count: int, *, weights: WeightSources | None = None,
                       images: PathLike | None = None, settings: EvalSettings | None = None,
                       resolution: int | None = None, device_name: str | None = None, json_path: PathLike | None = None,
-                      grid: PathLike | None = None, overwrite: bool = False) -> EvaluationResult:
+                      grid: PathLike | None = None, overwrite: bool = False, resize: str = "crop",
+                      columns: Columns = Columns(),
+                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> EvaluationResult:
     """Score the last `count` items of `data_root`: sampled from `weights` with fixed seeds, or the images of the
     folder `images`; write the per-item JSON and the grid when asked. Every check runs before the model loads."""
     # 1. cheap checks, then the items
@@ -164,7 +175,7 @@ def evaluate_to_files(data_root: PathLike, count: int, *, weights: WeightSources
                          "generated elsewhere, one of the two")
     device = choose_device(device_name)
     autocast_context(settings.precision, device)
-    items = load_items(data_root, count, resolution)
+    items = load_items(data_root, count, resolution, resize, columns, max_image_pixels)
 
     # 2. the images: read, or sampled
     if images is not None:
