@@ -36,6 +36,7 @@ import tool_export_diffusers
 import tool_extract_control
 import tool_make_fill50k
 import tool_make_random_sd
+import tool_make_shards
 import tool_plot_run
 import tool_sample
 import tool_transfer_control
@@ -1607,6 +1608,52 @@ def _(inputs, tmp, monkeypatch):
 def _(inputs, tmp, monkeypatch):
     return Case(tutorial_train.main, _train(inputs, tmp, "--image_column", ""),
                 "argument --image_column/--image-column: must be a column name, got an empty string")
+
+
+# ---------------------------------------------------------------------------------------------
+# tool_make_shards.py (cldm.data.shards)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shards(data: Path, out: Path, *extra) -> list:
+    return ["--data_root", data, "--out", out, *extra]
+
+
+@row("shards-data-folder-missing")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_shards.main, _shards(tmp / "nowhere", tmp / "shards"),
+                f"Data set folder {tmp}/nowhere does not exist or is not a folder; pass the folder that holds "
+                f"prompt.json or metadata.jsonl.")
+
+
+@row("shards-output-exists")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "shards").mkdir()
+    return Case(tool_make_shards.main, _shards(inputs.data, tmp / "shards"),
+                f"output folder '{tmp}/shards' already exists; choose another name or pass --overwrite")
+
+
+@row("shards-overwrite-other-folder")
+def _(inputs, tmp, monkeypatch):
+    _png(tmp / "photos" / "holiday.png")
+    return Case(tool_make_shards.main, _shards(inputs.data, tmp / "photos", "--overwrite"),
+                f"output folder '{tmp}/photos' is not empty and holds no shards.json; it is not a shard folder, so it "
+                f"is not replaced even with --overwrite")
+
+
+@row("shards-size-zero")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_make_shards.main, _shards(inputs.data, tmp / "shards", "--shard_size", "0"),
+                "argument --shard_size: must be a whole number between 1 and 9223372036854775807, got 0")
+
+
+@row("shards-image-missing")
+def _(inputs, tmp, monkeypatch):
+    data = Path(shutil.copytree(inputs.data, tmp / "data"))
+    (data / "target" / "1.png").unlink()
+    return Case(tool_make_shards.main, _shards(data, tmp / "shards", "--shard_size", "1"),
+                f"Item 2 of {data}/prompt.json names the target image 'target/1.png', which does not exist; restore "
+                f"the file or remove the item.")
 
 
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:

@@ -30,6 +30,7 @@ import tool_export_diffusers
 import tool_extract_control
 import tool_make_fill50k
 import tool_make_random_sd
+import tool_make_shards
 import tool_plot_run
 import tool_sample
 import tool_transfer_control
@@ -107,6 +108,9 @@ SCRIPTS = {
     "tool_make_random_sd": Script(
         tool_make_random_sd.main, tool_make_random_sd.build_parser, ["{out}.ckpt"], {"--config": "{tiny}"},
         "cldm.checkpoints.random_weights:random_base_state_dict"),
+    "tool_make_shards": Script(
+        tool_make_shards.main, tool_make_shards.build_parser, [],
+        {"--data_root": "{fill}", "--out": "{out}", "--shard_size": "1"}, "cldm.data.shards:atomic_path"),
     "tutorial_dataset_test": Script(
         tutorial_dataset_test.main, tutorial_dataset_test.build_parser, [], {"--root": "{fill}", "--index": "1"}, None),
 }

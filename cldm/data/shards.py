@@ -1,0 +1,93 @@
+"""WebDataset shards of a data set folder: `.tar` files that hold each item's original image bytes and caption.
+
+An item with index i has the key `f"{i:09d}"` and three members: `{key}.<ext>` (the target image),
+`{key}.hint.<ext>` (the hint, the Fill50K `source`) and `{key}.txt` (the prompt, UTF-8), `<ext>` being the image
+file's own extension, lowercased. Shards are named `shard-000000.tar`, ... and hold `shard_size` items each (the
+last one fewer). Beside them `shards.json` records the format, the item count, the shard names and the layout of
+the folder they were made from. The whole folder is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+
+from cldm.checkpoints.atomic import atomic_path, atomic_write
+from cldm.checkpoints.paths import check_output_path
+from cldm.data.layouts import FILL50K_INDEX, IMAGE_KEYS, Columns, index_path, read_records
+from ldm.checkpoint import PathLike
+
+MANIFEST_NAME = "shards.json"
+FORMAT_NAME = "controlnet-webdataset-shards"
+MEMBER_SUFFIXES = {"target": "", "source": ".hint"}  # the record key -> what follows the item key in a member name
+
+
+def item_key(index: int) -> str:
+    """The WebDataset key of item `index`."""
+    return f"{index:09d}"
+
+
+def shard_name(number: int) -> str:
+    """The file name of shard `number`."""
+    return f"shard-{number:06d}.tar"
+
+
+def item_members(root: str, record: dict[str, str], key: str, where: str) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of one record: its target, its hint and its prompt; `where` names the item in errors."""
+    for record_key in IMAGE_KEYS:
+        path = os.path.join(root, record[record_key])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where} names the {record_key} image {record[record_key]!r}, which does not "
+                                    f"exist; restore the file or remove the item.")
+        extension = os.path.splitext(path)[1].lower() or ".png"
+        with open(path, "rb") as file:
+            yield f"{key}{MEMBER_SUFFIXES[record_key]}{extension}", file.read()
+    yield f"{key}.txt", record["prompt"].encode("utf-8")
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add `data` as a regular file with fixed metadata, so that the same folder gives the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    archive.addfile(info, io.BytesIO(data))
+
+
+def make_shards(data_root: str, out: PathLike, shard_size: int, overwrite: bool = False,
+                columns: Columns = Columns()) -> dict:
+    """Write the items of the data set folder `data_root` (either layout) as shards into the folder `out`.
+
+    Args:
+        shard_size: items per shard.
+        overwrite: replace an existing shard folder at `out` (never a folder that is not one).
+    Returns:
+        the manifest written to `out/shards.json`.
+    """
+    if shard_size <= 0:
+        raise ValueError(f"--shard_size must be a positive number of items, got {shard_size}")
+    if not os.path.isdir(data_root):
+        raise FileNotFoundError(f"Data set folder {data_root} does not exist or is not a folder; pass the folder "
+                                f"that holds prompt.json or metadata.jsonl.")
+    check_output_path(out, overwrite=overwrite, folder=True, marker=MANIFEST_NAME, kind="shard folder",
+                      marker_fields={"format": FORMAT_NAME})
+    index = index_path(data_root)
+    records = read_records(index, columns)
+    starts = range(0, len(records), shard_size)
+    with atomic_path(out, folder=True) as folder:
+        for number, start in enumerate(starts):
+            with atomic_write(folder / shard_name(number)) as file, tarfile.open(fileobj=file, mode="w") as archive:
+                for index_in_set in range(start, min(start + shard_size, len(records))):
+                    where = f"Item {index_in_set + 1} of {index}"
+                    for name, data in item_members(data_root, records[index_in_set], item_key(index_in_set), where):
+                        _add_member(archive, name, data)
+        manifest = {"format": FORMAT_NAME, "count": len(records), "shard_size": shard_size,
+                    "shards": [shard_name(number) for number in range(len(starts))],
+                    "layout": "fill50k" if os.path.basename(index) == FILL50K_INDEX else "image-folder",
+                    "members": "{key}.<ext> target image, {key}.hint.<ext> hint, {key}.txt prompt (UTF-8); original "
+                               "bytes"}
+        with atomic_write(folder / MANIFEST_NAME, "w") as file:
+            json.dump(manifest, file, indent=1)
+    return manifest
+
