@@ -26,7 +26,7 @@ from cldm.data.layouts import IMAGE_KEYS, Columns, index_path, read_records
 CROP_STREAM = 1
 
 
-def _check_same_aspect_ratio(item: dict[str, str], source_size: tuple[int, int],
+def check_same_aspect_ratio(item: dict[str, str], source_size: tuple[int, int],
                              target_size: tuple[int, int]) -> None:
     """Refuse an item whose source and target differ in aspect ratio (a source of another size is resized)."""
     if not same_aspect_ratio(source_size, target_size):
@@ -37,14 +37,14 @@ def _check_same_aspect_ratio(item: dict[str, str], source_size: tuple[int, int],
         )
 
 
-def _hint_array(source: np.ndarray) -> np.ndarray:
+def hint_array(source: np.ndarray) -> np.ndarray:
     """A uint8 image as float32 in [0, 1], as the original's `x.astype(np.float32) / 255.0`."""
     hint = source.astype(np.float32)
     hint /= 255.0
     return hint
 
 
-def _target_array(target: np.ndarray) -> np.ndarray:
+def target_array(target: np.ndarray) -> np.ndarray:
     """The target in [-1, 1], the range the autoencoder expects; in place, the float32 result equals the
     original's `x.astype(np.float32) / 127.5 - 1.0`."""
     jpg = target.astype(np.float32)
@@ -132,15 +132,15 @@ class MyDataset(Dataset):
             return self._cached_item(item, idx, index)
         source = self._read_rgb(item["source"])
         target = self._read_rgb(item["target"])
-        _check_same_aspect_ratio(item, source.shape[1::-1], target.shape[1::-1])
+        check_same_aspect_ratio(item, source.shape[1::-1], target.shape[1::-1])
         source, target = self._frame([source, target], target.shape[1::-1], idx)
         prompt = self._prompt(item, idx)
-        return dict(jpg=_target_array(target), txt=prompt, hint=_hint_array(source))
+        return dict(jpg=target_array(target), txt=prompt, hint=hint_array(source))
 
     def target(self, index: int) -> np.ndarray:
         """Only the target image of item `index`, as `jpg` of an item (what the latent cache encodes)."""
         target = self._read_rgb(self.data[index]["target"])
-        return _target_array(self._frame([target], target.shape[1::-1], index)[0])
+        return target_array(self._frame([target], target.shape[1::-1], index)[0])
 
     def _prompt(self, item: dict[str, str], idx: int | Visit) -> str:
         """The item's prompt, or "" when this visit drops it."""
@@ -154,18 +154,18 @@ class MyDataset(Dataset):
         and prompt embedding in place of the target."""
         source = self._read_rgb(item["source"])
         target_size = self._image_size(item["target"])
-        _check_same_aspect_ratio(item, source.shape[1::-1], target_size)
+        check_same_aspect_ratio(item, source.shape[1::-1], target_size)
         source, = self._frame([source], target_size, idx)
         self.latent_cache.check_image_size(source.shape[:2], os.path.join(self.root, item["source"]))
         prompt = self._prompt(item, idx)
-        return dict(txt=prompt, hint=_hint_array(source), **self.latent_cache.item(index, prompt))
+        return dict(txt=prompt, hint=hint_array(source), **self.latent_cache.item(index, prompt))
 
     def check_item(self, index: int, reduction: int = 8) -> tuple[int, int]:
         """(width, height) of item `index`'s target (to which its source is resized), from its images' headers; both
         images are decoded, one at a time and at 1/`reduction` of their size, to check that they can be."""
         item = self.data[index]
         sizes = [self._image_size(item[key]) for key in IMAGE_KEYS]
-        _check_same_aspect_ratio(item, *sizes)
+        check_same_aspect_ratio(item, *sizes)
         for key in IMAGE_KEYS:
             self._read_rgb(item[key], reduction)
         return sizes[1]

@@ -7,6 +7,7 @@ header Pillow cannot read is refused as unreadable.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable
@@ -60,14 +61,15 @@ def check_resolution_pixels(resolution: int | None, max_pixels: int) -> None:
                          f"{max_pixels} pixels allowed; use a smaller --resolution or raise --max_image_pixels")
 
 
-def header_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+def header_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                data: bytes | None = None) -> tuple[int, int]:
     """(width, height) from the file's header, nothing decoded; raises `UnreadableImageError` or
-    `TooManyPixelsError`."""
+    `TooManyPixelsError`. With `data`, the header is read from these bytes and `path` only names them."""
     path = os.fspath(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 width, height = image.size
     except Image.DecompressionBombError:
         raise TooManyPixelsError(path, 0, 0, max_pixels) from None
@@ -88,6 +90,13 @@ def read_color(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXE
     files become 8-bit BGR), after the header check; `reduction` 2, 4 or 8 decodes at that fraction of the size."""
     header_size(path, max_pixels)
     return _decoded(path, lambda: cv2.imread(os.fspath(path), REDUCED_COLOR[reduction]))
+
+
+def decode_color(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The image file's bytes `data` as `read_color` reads the file, after the header check; `name` names them in
+    errors."""
+    header_size(name, max_pixels, data)
+    return _decoded(name, lambda: cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR))
 
 
 def read_unchanged(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:

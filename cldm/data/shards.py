@@ -5,6 +5,7 @@ An item with index i has the key `f"{i:09d}"` and three members: `{key}.<ext>` (
 file's own extension, lowercased. Shards are named `shard-000000.tar`, ... and hold `shard_size` items each (the
 last one fewer). Beside them `shards.json` records the format, the item count, the shard names and the layout of
 the folder they were made from. The whole folder is written under a temporary name and renamed when complete.
+`read_shard_samples` reads the items back as `MyDataset` gives them at its defaults.
 """
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+import cv2
+import numpy as np
 
 from cldm.checkpoints.atomic import atomic_path, atomic_write
 from cldm.checkpoints.paths import check_output_path
+from cldm.data.dataset import check_same_aspect_ratio, hint_array, target_array
+from cldm.data.geometry import resize
+from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, decode_color
 from cldm.data.layouts import FILL50K_INDEX, IMAGE_KEYS, Columns, index_path, read_records
 from ldm.checkpoint import PathLike
 
@@ -91,3 +98,75 @@ def make_shards(data_root: str, out: PathLike, shard_size: int, overwrite: bool 
             json.dump(manifest, file, indent=1)
     return manifest
 
+
+
+def read_shard_samples(paths: Sequence[PathLike],
+                       max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[dict[str, np.ndarray | str]]:
+    """The items of the shards `paths`, in order, as `dict(jpg=target in [-1, 1], txt=prompt, hint=hint in [0, 1])`:
+    what `MyDataset` gives for the same items at its defaults (images at their own size, a hint of another size
+    resized to its target's, no prompt dropout). A truncated shard or an item without a member is one sentence that
+    names the shard and the key."""
+    if not paths:
+        raise ValueError("The shard list is empty; pass the .tar files that tool_make_shards.py wrote.")
+    for path in paths:
+        for key, members in _shard_items(os.fspath(path)):
+            yield _sample(os.fspath(path), key, members, max_image_pixels)
+
+
+def _shard_items(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member name after the key: bytes}) of each item of the shard `path`; an item's members are adjacent."""
+    truncated = f"Shard {path} is truncated or damaged"
+    try:
+        archive = tarfile.open(path)
+    except tarfile.ReadError:
+        raise ValueError(f"{truncated}: it is not a tar file; remake it with tool_make_shards.py.") from None
+    with archive:
+        key, members = None, {}
+        for info in archive:
+            member_key, _, suffix = info.name.partition(".")
+            if member_key != key and key is not None:
+                yield key, members
+                members = {}
+            key = member_key
+            try:
+                members[suffix] = archive.extractfile(info).read()
+            except (tarfile.ReadError, EOFError):
+                raise ValueError(f"{truncated} in the member {info.name}; remake it with tool_make_shards.py.") from None
+        if os.path.getsize(path) < archive.offset + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
+            raise ValueError(f"{truncated} after the key {key}; remake it with tool_make_shards.py.")
+        if key is not None:
+            yield key, members
+
+
+def _sample(path: str, key: str, members: dict[str, bytes], max_image_pixels: int) -> dict[str, np.ndarray | str]:
+    """One item from its members: decoded as `MyDataset` reads files, the hint resized to the target's size."""
+    names = {"target": next((name for name in members if name != "txt" and not name.startswith("hint.")), None),
+             "source": next((name for name in members if name.startswith("hint.")), None),
+             "prompt": "txt" if "txt" in members else None}
+    for record_key, member in (("source", "a {key}.hint.<ext>"), ("target", "a {key}.<ext>"), ("prompt", "{key}.txt")):
+        if names[record_key] is None:
+            raise ValueError(f"Shard {path} has no {record_key} member ({member.format(key=key)}) for the key {key} "
+                             f"(it holds {', '.join(f'{key}.{name}' for name in members)}); remake it with "
+                             f"tool_make_shards.py.")
+    source, target = (_decode(path, f"{key}.{names[record_key]}", members[names[record_key]], max_image_pixels)
+                      for record_key in IMAGE_KEYS)
+    check_same_aspect_ratio({"source": f"{key}.{names['source']}", "target": f"{key}.{names['target']}"},
+                            source.shape[1::-1], target.shape[1::-1])
+    source = resize(source, target.shape[1::-1])
+    try:
+        prompt = members["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"Member {key}.txt of shard {path} is not UTF-8 text; save the prompt as UTF-8.") from None
+    return dict(jpg=target_array(target), txt=prompt, hint=hint_array(source))
+
+
+def _decode(path: str, name: str, data: bytes, max_image_pixels: int) -> np.ndarray:
+    """The member `name` of shard `path` as uint8 RGB; an unreadable or too large image becomes one sentence."""
+    where = f"Member {name} of shard {path}"
+    try:
+        return cv2.cvtColor(decode_color(data, where, max_image_pixels), cv2.COLOR_BGR2RGB)
+    except UnreadableImageError:
+        raise ValueError(f"{where} could not be read; it is not an image file OpenCV can decode.") from None
+    except TooManyPixelsError as error:
+        raise ValueError(f"{where} is {error.size_text()}, more than the {error.limit} pixels allowed; raise the "
+                         f"limit with --max_image_pixels.") from None
