@@ -131,7 +131,8 @@ def _shard_items(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             try:
                 members[suffix] = archive.extractfile(info).read()
             except (tarfile.ReadError, EOFError):
-                raise ValueError(f"{truncated} in the member {info.name}; remake it with tool_make_shards.py.") from None
+                raise ValueError(f"{truncated} in the member {info.name}; remake it with "
+                                 f"tool_make_shards.py.") from None
         if os.path.getsize(path) < archive.offset + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
             raise ValueError(f"{truncated} after the key {key}; remake it with tool_make_shards.py.")
         if key is not None:

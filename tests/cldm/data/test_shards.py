@@ -98,7 +98,8 @@ def test_a_truncated_shard_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"^Shard {paths[0]} is truncated or damaged: it is not a tar file;"):
         list(read_shard_samples(paths))
     paths[0].write_bytes(whole[:1000])  # inside the first member's bytes
-    with pytest.raises(ValueError, match=rf"^Shard {paths[0]} is truncated or damaged in the member 000000000.hint.png;"):
+    member = "000000000.hint.png"
+    with pytest.raises(ValueError, match=rf"^Shard {paths[0]} is truncated or damaged in the member {member};"):
         list(read_shard_samples(paths))
     with tarfile.open(fileobj=io.BytesIO(whole)) as archive:
         infos = archive.getmembers()
