@@ -51,6 +51,7 @@ from cldm.model import create_model
 from cldm.checkpoints.surgery import add_control
 from cldm.sampling import prepare_hint
 from cldm.training.job import build_callbacks, check_dataset
+from cldm.training.resume import run_settings
 from cldm.training.run_lock import run_lock
 from cldm.training.arguments import SINGLE_DEVICE_DEFAULTS, build_parser
 from cldm.data.data_order import ResumableRandomSampler
@@ -1858,7 +1859,7 @@ def test_row_train_log_max_images_zero(inputs: Inputs, caplog) -> None:
     argv = ["--log_max_images", "0", "--data_root", str(inputs.data)]
     args = build_parser(SINGLE_DEVICE_DEFAULTS, "train").parse_args(argv)
     with caplog.at_level("INFO"):
-        callbacks = build_callbacks(args, ResumableRandomSampler(4, 0))
+        callbacks = build_callbacks(args, ResumableRandomSampler(4, 0), run_settings(args, 4))
     image_logger, = [callback for callback in callbacks if isinstance(callback, ImageLogger)]
 
     class Module:

@@ -232,11 +232,12 @@ def build_loggers(root: str) -> list:
     return loggers
 
 
-def build_callbacks(args: argparse.Namespace,
-                    sampler: ResumableRandomSampler | BucketBatchSampler) -> list[pl.Callback]:
-    """Guards, exact-resume state, the run's settings, image logs, step checkpoints, learning rate and throughput
-    monitors, a tqdm progress bar (seconds per step once steps take longer than a second, the loss; Lightning would
-    pick Rich's bar, in it/s, whenever `rich` happens to be installed) and the evaluation of `--eval_every_n_steps`."""
+def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler | BucketBatchSampler,
+                    settings: Mapping[str, Any]) -> list[pl.Callback]:
+    """Guards, exact-resume state, the run's `settings` (`run_settings`), image logs, step checkpoints, learning
+    rate and throughput monitors, a tqdm progress bar (seconds per step once steps take longer than a second, the
+    loss; Lightning would pick Rich's bar, in it/s, whenever `rich` happens to be installed) and the evaluation of
+    `--eval_every_n_steps`."""
     checkpoint_dir = os.path.join(args.default_root_dir, CHECKPOINT_DIRNAME)
     if args.log_max_images == 0:
         rank_zero_info("--log_max_images 0: image logging is off")
@@ -250,20 +251,22 @@ def build_callbacks(args: argparse.Namespace,
     cached_encoders = [CachedEncodersOnCPU()] if args.latent_cache is not None else []
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite,
                                check_before_backward=args.optimizer_in_backward), RandomStateCheckpoint(),
-            DataOrderCheckpoint(sampler, args.batch_size), RunSettings(run_settings(args, sampler.length)),
+            DataOrderCheckpoint(sampler, args.batch_size), RunSettings(settings),
             GracefulStop(), image_logger, checkpoints, LearningRateMonitor(logging_interval="step"), throughput,
             TQDMProgressBar(), *cached_encoders, *build_evaluation(args, checkpoint_dir)]
 
 
-def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler | BucketBatchSampler) -> pl.Trainer:
-    """The Lightning Trainer of the run; checkpoints are written atomically and read safely. A
+def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler | BucketBatchSampler,
+                  settings: Mapping[str, Any]) -> pl.Trainer:
+    """The Lightning Trainer of the run, saving `settings` in its checkpoints; checkpoints are written atomically
+    and read safely. A
     `BucketBatchSampler` splits its batches between the ranks itself, so Lightning does not wrap it."""
     return pl.Trainer(
         use_distributed_sampler=not isinstance(sampler, BucketBatchSampler),
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
         accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
-        default_root_dir=args.default_root_dir, callbacks=build_callbacks(args, sampler),
+        default_root_dir=args.default_root_dir, callbacks=build_callbacks(args, sampler, settings),
         plugins=[AtomicCheckpointIO()], logger=build_loggers(args.default_root_dir), log_every_n_steps=1)
 
 
@@ -321,12 +324,13 @@ def train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
     dataset = build_dataset(args)
-    check_resumed_settings(args, run_settings(args, len(dataset)))
+    settings = run_settings(args, len(dataset))
+    check_resumed_settings(args, settings)
     model = build_model(args)
     resolve_batch_size(args, model, dataset)
     dataloader = build_dataloader(args, dataset, on_gpu=uses_gpu(args))
     apply_host_memory_option(args)
-    trainer = build_trainer(args, data_order(dataloader))
+    trainer = build_trainer(args, data_order(dataloader), {**settings, "batch_size": args.batch_size})  # `max` resolved
     try:
         trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
     except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint

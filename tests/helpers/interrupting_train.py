@@ -83,8 +83,8 @@ def main(argv: list[str]) -> int:
     signum = getattr(signal, f"SIG{signal_name}")
     build_trainer = training.build_trainer
 
-    def build_interrupted_trainer(args, sampler) -> pl.Trainer:
-        trainer = build_trainer(args, sampler)
+    def build_interrupted_trainer(args, sampler, settings) -> pl.Trainer:
+        trainer = build_trainer(args, sampler, settings)
         trainer.callbacks.append(Interrupter(point, int(step), signum))
         if point == "save":
             trainer.strategy.checkpoint_io = TruncatingCheckpointIO(int(step), signum)
