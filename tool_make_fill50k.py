@@ -10,7 +10,7 @@ import sys
 import time
 
 from cldm import flags
-from cldm.cli import run
+from cldm.cli import add_debug_argument, run
 from cldm.data.fill50k import generate_fill50k
 
 
@@ -26,23 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="replace --out if this tool made it (never another folder)")
     parser.add_argument("--quiet", action="store_true", help="hide the progress bar")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    add_debug_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the generator; returns the exit code (2 for user errors, printed as one line)."""
+    """Run the generator; `cldm.cli.run` turns its errors into one line and exit code 2."""
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    try:
-        out = generate_fill50k(
-            args.out, args.count, args.size, args.seed, args.workers, args.force, show_progress=not args.quiet
-        )
-    except (ValueError, OSError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = generate_fill50k(args.out, args.count, args.size, args.seed, args.workers, args.force,
+                           show_progress=not args.quiet)
     print(f"Wrote {args.count} pairs of {args.size}x{args.size} px to {out} in {time.perf_counter() - started:.1f} s.")
     return 0
 

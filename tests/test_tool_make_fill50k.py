@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageColor
 
 import tool_make_fill50k
+from cldm.cli import run
 from cldm.data import fill50k
 from cldm.data.fill50k import MARKER_NAME, NAMED_COLOURS, generate_fill50k, sample_item
 from cldm.processes import ProcessIdentity
@@ -154,7 +155,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     out = tmp_path / "fill50k"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--quiet"])
+    code = run(tool_make_fill50k.main, ["--out", str(out), "--count", "2", "--size", "64", "--quiet"])
     assert code == 2
     message = f"output folder '{out}' already exists; choose another name or pass --force"
     assert capsys.readouterr().err == f"error: {message}\n"
@@ -177,7 +178,7 @@ def test_force_refuses_a_folder_the_generator_did_not_make(tmp_path, capsys):
     out = tmp_path / "mine"
     (out / "cldm" / "data").mkdir(parents=True)
     (out / "cldm" / "data" / "fill50k.py").write_text("the user's code")
-    code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
+    code = run(tool_make_fill50k.main, ["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
     assert code == 2 and capsys.readouterr().err == (
         f"error: output folder '{out}' is not empty and holds no {MARKER_NAME}; it is not a data set made by "
         "tool_make_fill50k.py, so it is not replaced even with --force\n")
@@ -189,7 +190,7 @@ def test_force_refuses_a_data_set_unzipped_by_the_user(dataset, tmp_path, capsys
     shutil.copytree(dataset, out)
     (out / MARKER_NAME).unlink()  # as in training/fill50k.zip
     before = all_files(out)
-    code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
+    code = run(tool_make_fill50k.main, ["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
     assert code == 2 and capsys.readouterr().err == (
         f"error: output folder '{out}' holds a data set that tool_make_fill50k.py did not make (it has no "
         f"{MARKER_NAME}; the unzipped fill50k.zip, say), so it is not replaced even with --force; delete it by hand "
@@ -201,7 +202,7 @@ def test_force_refuses_a_data_set_unzipped_by_the_user(dataset, tmp_path, capsys
 def test_force_replaces_an_existing_data_set(tmp_path, capsys):
     out = tmp_path / "fill50k"
     generate_fill50k(out, 3, SIZE, seed=1, show_progress=False)
-    code = tool_make_fill50k.main(["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
+    code = run(tool_make_fill50k.main, ["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
     assert code == 0 and "Wrote 2 pairs" in capsys.readouterr().out
     assert read_records(out) == [sample_item(0, index, SIZE).record() for index in range(2)]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fill50k"]
@@ -261,7 +262,7 @@ def test_failure_while_writing_prompt_file_leaves_nothing(tmp_path, monkeypatch)
     ],
 )
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, capsys, flags, message):
-    code = tool_make_fill50k.main(["--out", str(tmp_path / "fill50k"), "--quiet", *flags])
+    code = run(tool_make_fill50k.main, ["--out", str(tmp_path / "fill50k"), "--quiet", *flags])
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"error: {message}\n"
@@ -269,7 +270,7 @@ def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, capsys, flags, messag
 
 
 def test_missing_output_parent(tmp_path, capsys):
-    code = tool_make_fill50k.main(["--out", str(tmp_path / "missing" / "fill50k"), "--count", "2", "--quiet"])
+    code = run(tool_make_fill50k.main, ["--out", str(tmp_path / "missing" / "fill50k"), "--count", "2", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"error: output folder '{tmp_path / 'missing'}' does not exist; create it first\n"
@@ -279,7 +280,7 @@ def test_missing_output_parent(tmp_path, capsys):
 def test_unwritable_output_parent(tmp_path, capsys, monkeypatch):
     # Simulated: permission bits do not stop root, who may run the tests.
     monkeypatch.setattr(os, "access", lambda path, mode: False)
-    code = tool_make_fill50k.main(["--out", str(tmp_path / "fill50k"), "--count", "2", "--quiet"])
+    code = run(tool_make_fill50k.main, ["--out", str(tmp_path / "fill50k"), "--count", "2", "--quiet"])
     assert code == 2
     assert capsys.readouterr().err == f"error: output folder '{tmp_path}' is not writable; choose another folder\n"
     assert list(tmp_path.iterdir()) == []
@@ -287,7 +288,7 @@ def test_unwritable_output_parent(tmp_path, capsys, monkeypatch):
 
 def test_debug_flag_shows_the_exception(tmp_path):
     with pytest.raises(ValueError, match="count must be at least 1"):
-        tool_make_fill50k.main(["--out", str(tmp_path / "fill50k"), "--count", "0", "--debug"])
+        run(tool_make_fill50k.main, ["--out", str(tmp_path / "fill50k"), "--count", "0", "--debug"])
 
 
 @pytest.mark.slow
