@@ -18,7 +18,9 @@ from torch.utils.data import Dataset, get_worker_info
 
 from cldm.data.data_order import Visit
 from cldm.data.geometry import ASPECT_TOLERANCE_PX, CROP_POSITIONS, RESIZE_MODES, frame, resize, same_aspect_ratio
-from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, header_size, read_color
+from cldm.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, header_size, image_error, read_color,
+)
 from cldm.data.latent_cache import LatentCache
 from cldm.data.layouts import IMAGE_KEYS, Columns, index_path, read_records
 
@@ -193,11 +195,8 @@ class MyDataset(Dataset):
             raise FileNotFoundError(f"Image {path} listed in {os.path.basename(self.index_path)} does not exist.")
         try:
             yield path
-        except UnreadableImageError:
-            raise ValueError(f"Image {path} could not be read; it is not an image file OpenCV can decode.") from None
-        except TooManyPixelsError as error:
-            raise ValueError(f"Image {path} is {error.size_text()}, more than the {error.limit} pixels allowed; "
-                             f"shrink it, or raise the limit with --max_image_pixels.") from None
+        except (UnreadableImageError, TooManyPixelsError) as error:
+            raise image_error(f"Image {path}", error) from None
 
     def _frame(self, images: list[np.ndarray], target_size: tuple[int, int], idx: int | Visit) -> list[np.ndarray]:
         """The images of one item at the target's (width, height) `target_size`, then at `resolution` x

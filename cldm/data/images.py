@@ -47,6 +47,14 @@ class TooManyPixelsError(ValueError):
         return f"over {PILLOW_MAX_IMAGE_PIXELS} pixels"
 
 
+def image_error(where: str, error: UnreadableImageError | TooManyPixelsError) -> ValueError:
+    """The one sentence a data set gives for an image it cannot use; `where` names the image."""
+    if isinstance(error, TooManyPixelsError):
+        return ValueError(f"{where} is {error.size_text()}, more than the {error.limit} pixels allowed; shrink it, or "
+                          f"raise the limit with --max_image_pixels.")
+    return ValueError(f"{where} could not be read; it is not an image file OpenCV can decode.")
+
+
 def check_pixel_limit(max_pixels: int, flag: str) -> None:
     """Refuse a limit that is not positive or that Pillow would not honour."""
     if not 1 <= max_pixels <= PILLOW_MAX_IMAGE_PIXELS:

@@ -22,7 +22,9 @@ from cldm.checkpoints.atomic import atomic_path, atomic_write
 from cldm.checkpoints.paths import check_output_path
 from cldm.data.dataset import check_same_aspect_ratio, hint_array, target_array
 from cldm.data.geometry import resize
-from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, decode_color
+from cldm.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS, TooManyPixelsError, UnreadableImageError, decode_color, image_error,
+)
 from cldm.data.layouts import FILL50K_INDEX, IMAGE_KEYS, Columns, index_path, read_records
 from ldm.checkpoint import PathLike
 
@@ -166,8 +168,5 @@ def _decode(path: str, name: str, data: bytes, max_image_pixels: int) -> np.ndar
     where = f"Member {name} of shard {path}"
     try:
         return cv2.cvtColor(decode_color(data, where, max_image_pixels), cv2.COLOR_BGR2RGB)
-    except UnreadableImageError:
-        raise ValueError(f"{where} could not be read; it is not an image file OpenCV can decode.") from None
-    except TooManyPixelsError as error:
-        raise ValueError(f"{where} is {error.size_text()}, more than the {error.limit} pixels allowed; raise the "
-                         f"limit with --max_image_pixels.") from None
+    except (UnreadableImageError, TooManyPixelsError) as error:
+        raise image_error(where, error) from None
