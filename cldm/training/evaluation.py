@@ -50,8 +50,8 @@ def check_evaluation_args(args: argparse.Namespace) -> None:
     """Check the evaluation flags (one sentence per wrong value) and fill in their defaults.
 
     Without `--eval_every_n_steps` every other evaluation flag is refused; with it and neither `--val_items` nor
-    `--val_data_root`, the last `DEFAULT_VAL_ITEMS` items are held out. The `--val_data_root` data set is opened
-    here, so a missing folder or an empty prompt.json is reported with the data set's own message."""
+    `--val_data_root`, the last `DEFAULT_VAL_ITEMS` items are held out. The `--val_data_root` data set itself is
+    checked with the training data set (`cldm.training.job.build_dataset`), before any heavy work."""
     if args.eval_every_n_steps is None:
         given = [name for name in ("val_items", "val_data_root", *EVAL_DEFAULTS, "keep_best_control")
                  if getattr(args, name) not in (None, False)]
@@ -68,12 +68,7 @@ def check_evaluation_args(args: argparse.Namespace) -> None:
     for name, default in EVAL_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.val_data_root is not None:
-        try:  # the folder and its prompt.json
-            MyDataset(root=args.val_data_root, columns=columns_from(args))
-        except (OSError, ValueError) as error:
-            raise type(error)(f"--val_data_root: {error}") from error
-    elif args.val_items is None:
+    if args.val_data_root is None and args.val_items is None:
         args.val_items = DEFAULT_VAL_ITEMS
 
 
@@ -114,11 +109,15 @@ class ValidationSet:
         return cls(args.data_root, args.val_items, args.resolution, args.max_image_pixels, args.resize,
                    columns_from(args))
 
+    def dataset(self) -> MyDataset:
+        """The data set the items come from (centre crops under `--resize crop`, also when training crops at
+        random)."""
+        return MyDataset(root=self.root, resolution=self.resolution, max_image_pixels=self.max_image_pixels,
+                         resize=self.resize, columns=self.columns)
+
     def items(self) -> list[EvalItem]:
-        """The items as uint8 hints and targets with their prompts (centre crops under `--resize crop`, also when
-        training crops at random)."""
-        dataset = MyDataset(root=self.root, resolution=self.resolution, max_image_pixels=self.max_image_pixels,
-                            resize=self.resize, columns=self.columns)
+        """The items as uint8 hints and targets with their prompts."""
+        dataset = self.dataset()
         start = 0 if self.count is None else len(dataset) - self.count
         return dataset_items(dataset, range(start, len(dataset)))
 

@@ -49,7 +49,7 @@ from cldm.training.callbacks import (
     newest_checkpoint,
 )
 from cldm.host_memory import retain_freed_host_memory
-from cldm.training.evaluation import build_evaluation, hold_out
+from cldm.training.evaluation import ValidationSet, build_evaluation, hold_out
 from cldm.training.optimizers import build_adamw
 from cldm.training.run_lock import run_lock
 from cldm.training.resume import RunSettings, check_resumed_settings, run_settings
@@ -163,9 +163,10 @@ def build_dataset(args: argparse.Namespace) -> MyDataset:
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution, args.resize)
     check_dataset(dataset, args.resolution)
     if args.val_data_root is not None:
-        check_dataset(MyDataset(root=args.val_data_root, resolution=args.resolution,
-                                max_image_pixels=args.max_image_pixels, resize=args.resize,
-                                columns=columns_from(args)), args.resolution)
+        try:
+            check_dataset(ValidationSet.from_args(args).dataset(), args.resolution)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"--val_data_root: {error}") from error
     elif args.val_items is not None:
         hold_out(dataset, args.val_items)
     if args.buckets:
