@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import logging
 import os
 import re
 import shutil
@@ -199,11 +200,12 @@ def test_force_refuses_a_data_set_unzipped_by_the_user(dataset, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_force_replaces_an_existing_data_set(tmp_path, capsys):
+def test_force_replaces_an_existing_data_set(tmp_path, caplog):
     out = tmp_path / "fill50k"
     generate_fill50k(out, 3, SIZE, seed=1, show_progress=False)
-    code = run(tool_make_fill50k.main, ["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
-    assert code == 0 and "Wrote 2 pairs" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO):
+        code = run(tool_make_fill50k.main, ["--out", str(out), "--count", "2", "--size", "64", "--force", "--quiet"])
+    assert code == 0 and f"Wrote 2 Fill50K pairs of 64x64 px to {out} in" in caplog.text
     assert read_records(out) == [sample_item(0, index, SIZE).record() for index in range(2)]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fill50k"]
 

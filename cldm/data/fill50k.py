@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,6 +385,7 @@ def generate_fill50k(
     """
     out = Path(out).absolute()
     check_arguments(out, count, size, seed, workers, force)
+    started = time.perf_counter()
     with atomic_path(out, folder=True) as folder:
         (folder / "source").mkdir()
         (folder / "target").mkdir()
@@ -392,5 +394,6 @@ def generate_fill50k(
         _write_marker(folder, count, size, seed)
         if out.exists() and not force:
             raise FileExistsError(f"{out} appeared while the data set was written; use --force to replace it.")
-    logger.info("Wrote %d Fill50K pairs of %d px to %s.", count, size, out)
+    logger.info("Wrote %d Fill50K pairs of %dx%d px to %s in %.1f s.", count, size, size, out,
+                time.perf_counter() - started)
     return out
