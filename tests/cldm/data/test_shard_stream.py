@@ -121,3 +121,13 @@ def test_skip_bad_samples_skips_an_undecodable_item_with_a_warning(data: Path, t
     stream.skip_bad_samples = False
     with pytest.raises(ValueError, match=rf"^Member 000000001.png of shard {stream.urls[0]} "):
         list(stream)
+
+
+def test_brace_patterns_and_pipe_commands_name_the_same_shards(data: Path, tmp_path: Path) -> None:
+    stream = _stream(data, tmp_path / "shards", 4, shuffle_buffer=1)
+    pattern = shard_urls([str(tmp_path / "shards" / "shard-{000000..000001}.tar")])
+    assert pattern == stream.urls
+    piped = [f"pipe:cat {url}" for url in stream.urls]
+    assert shard_urls(piped) == piped and shard_counts(piped) == [4, 4]  # counted by reading, without shards.json
+    from_pipes = ShardStream(piped, [4, 4], batch_size=2, world_size=1, seed=3, shuffle_buffer=1)
+    assert [_identity(sample) for sample in from_pipes] == [_identity(sample) for sample in stream]

@@ -1,8 +1,12 @@
 """tutorial_train.py --data_shards: the tiny config trains from shards, and a run stopped at a shard boundary and
 resumed reaches exactly the weights of an uninterrupted one (one reader, no shuffle buffer); stopped inside a shard,
-it continues and finishes its steps."""
+it continues and finishes its steps. Two DDP ranks on the CPU, with two DataLoader workers each, train on disjoint items
+that cover the epoch."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,9 @@ import pytest
 import tutorial_train
 from cldm.data.shards import make_shards
 from ldm.checkpoint import read_checkpoint
-from tiny_training import differing_tensors, make_data, make_initial_weights, train_args
+from tests.cldm.training.test_geometry_training import random_data
+from tiny_training import (REPO_ROOT, config_with_model, differing_tensors, make_data, make_initial_weights,
+                           subprocess_env, train_args)
 
 pytestmark = pytest.mark.slow
 
@@ -45,3 +51,22 @@ def test_resumed_at_a_shard_boundary_equals_an_uninterrupted_run(inputs, tmp_pat
 def test_resumed_inside_a_shard_continues(inputs, tmp_path: Path) -> None:
     resumed = _train_in_stops(inputs, tmp_path / "run", [1, 3], "--batch_size", "1")
     assert resumed["global_step"] == 3
+
+
+def test_two_ddp_ranks_with_two_workers_each_train_on_disjoint_items_covering_the_epoch(tmp_path: Path) -> None:
+    data = random_data(tmp_path / "data", [(64, 64)] * 8)
+    make_shards(str(data), tmp_path / "shards", 1)  # 8 shards for 2 ranks x 2 workers: 2 batches of 2 per rank
+    record = tmp_path / "batches.jsonl"
+    config = config_with_model(tmp_path, "recording_controlldm.BatchRecordingControlLDM", record_path=str(record))
+    argv = ["--config", str(config), "--resume_path", str(make_initial_weights(tmp_path / "init.ckpt")),
+            "--data_shards", str(tmp_path / "shards"), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+            "--batch_size", "2", "--num_workers", "2", "--max_epochs", "1", "--log_max_images", "0", "--seed", "1",
+            "--default_root_dir", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tutorial_train_dist.py"), *argv], cwd=REPO_ROOT,
+                          env={**subprocess_env(), "CONTROLNET_TRUSTED_MODULES": "recording_controlldm"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    prompts = {rank: [p for batch in batches if batch["rank"] == rank for p in batch["prompts"]] for rank in (0, 1)}
+    assert len(batches) == 4 and len(prompts[0]) == len(prompts[1]) == 4
+    assert sorted(prompts[0] + prompts[1]) == sorted(f"p{index}" for index in range(8))
