@@ -4,9 +4,6 @@ it continues and finishes its steps. Two DDP ranks on the CPU, with two DataLoad
 that cover the epoch."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +12,7 @@ import tutorial_train
 from cldm.data.shards import make_shards
 from ldm.checkpoint import read_checkpoint
 from tests.cldm.training.test_geometry_training import random_data
-from tiny_training import (REPO_ROOT, config_with_model, differing_tensors, make_data, make_initial_weights,
-                           subprocess_env, train_args)
+from tiny_training import differing_tensors, make_data, make_initial_weights, recorded_ddp_batches, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +52,7 @@ def test_resumed_inside_a_shard_continues(inputs, tmp_path: Path) -> None:
 def test_two_ddp_ranks_with_two_workers_each_train_on_disjoint_items_covering_the_epoch(tmp_path: Path) -> None:
     data = random_data(tmp_path / "data", [(64, 64)] * 8)
     make_shards(str(data), tmp_path / "shards", 1)  # 8 shards for 2 ranks x 2 workers: 2 batches of 2 per rank
-    record = tmp_path / "batches.jsonl"
-    config = config_with_model(tmp_path, "recording_controlldm.BatchRecordingControlLDM", record_path=str(record))
-    argv = ["--config", str(config), "--resume_path", str(make_initial_weights(tmp_path / "init.ckpt")),
-            "--data_shards", str(tmp_path / "shards"), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-            "--batch_size", "2", "--num_workers", "2", "--max_epochs", "1", "--log_max_images", "0", "--seed", "1",
-            "--default_root_dir", str(tmp_path / "run")]
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "tutorial_train_dist.py"), *argv], cwd=REPO_ROOT,
-                          env={**subprocess_env(), "CONTROLNET_TRUSTED_MODULES": "recording_controlldm"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    batches = recorded_ddp_batches(tmp_path, "--data_shards", str(tmp_path / "shards"), "--num_workers", "2")
     prompts = {rank: [p for batch in batches if batch["rank"] == rank for p in batch["prompts"]] for rank in (0, 1)}
     assert len(batches) == 4 and len(prompts[0]) == len(prompts[1]) == 4
     assert sorted(prompts[0] + prompts[1]) == sorted(f"p{index}" for index in range(8))
