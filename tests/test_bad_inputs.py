@@ -1722,6 +1722,17 @@ def _(inputs, tmp, monkeypatch):
                 f"wrote, or the .tar files themselves.")
 
 
+@row("train-shards-manifest-not-ours")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "shards"
+    folder.mkdir()
+    (folder / "shards.json").write_text('{"shards": "all of them"}')
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, folder),
+                f"--data_shards: {folder}/shards.json is not the shard list tool_make_shards.py writes (a JSON object "
+                f"with the format 'controlnet-webdataset-shards' and the fields format, count, shard_size, shards); "
+                f"remake the folder with tool_make_shards.py, or pass the .tar files themselves.")
+
+
 @row("train-shards-truncated-member")
 def _(inputs, tmp, monkeypatch):
     folder = _shard_folder(inputs, tmp)

@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset
 from cldm.data.dataset import CROP_STREAM, hint_array, target_array
 from cldm.data.geometry import frame
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from cldm.data.shards import MANIFEST_NAME, decode_item, shard_items
+from cldm.data.shards import FORMAT_NAME, MANIFEST_NAME, decode_item, shard_items
 
 DEFAULT_SHUFFLE_BUFFER = 1000
 
@@ -74,13 +74,23 @@ def shard_urls(specs: Sequence[str]) -> list[str]:
 
 
 def _manifest(folder: str, flag: str) -> dict:
-    """The shards.json of a shard folder."""
+    """The shards.json of a shard folder, checked to be one that tool_make_shards.py writes."""
     path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: the folder {folder} has no {MANIFEST_NAME}; pass the folder that "
                                 f"tool_make_shards.py wrote, or the .tar files themselves.")
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
+    try:
+        with open(path, encoding="utf-8") as file:
+            manifest = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    fields = {"format": str, "count": int, "shard_size": int, "shards": list}
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or \
+            not all(isinstance(manifest.get(name), kind) for name, kind in fields.items()):
+        raise ValueError(f"{flag}: {path} is not the shard list tool_make_shards.py writes (a JSON object with the "
+                         f"format {FORMAT_NAME!r} and the fields {', '.join(fields)}); remake the folder with "
+                         f"tool_make_shards.py, or pass the .tar files themselves.")
+    return manifest
 
 
 def shard_counts(urls: Sequence[str]) -> list[int]:
@@ -213,12 +223,11 @@ class ShardStream(IterableDataset):
                 raise
             logger.warning(f"--skip_bad_samples: skipping the item: {error}")
             return None
-        number = int(key) if key.isdigit() else zlib.crc32(key.encode("utf-8"))
+        visit = [self.seed, self.epoch, int(key) if key.isdigit() else zlib.crc32(key.encode("utf-8"))]
         if self.resolution is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, number, CROP_STREAM]) if self.crop == "random" else None
+            rng = np.random.default_rng([*visit, CROP_STREAM]) if self.crop == "random" else None
             source, target = frame([source, target], (self.resolution, self.resolution), self.resize, rng)
-        if self.prompt_dropout > 0 and np.random.default_rng([self.seed, self.epoch, number]).random() < \
-                self.prompt_dropout:
+        if self.prompt_dropout > 0 and np.random.default_rng(visit).random() < self.prompt_dropout:
             prompt = ""
         return dict(jpg=target_array(target), txt=prompt, hint=hint_array(source))
 
