@@ -1733,6 +1733,14 @@ def _(inputs, tmp, monkeypatch):
                 f"remake the folder with tool_make_shards.py, or pass the .tar files themselves.")
 
 
+@row("train-shards-url-scheme-unknown")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, "s3://bucket/shard-000000.tar"),
+                "--data_shards: webdataset opens no s3: URLs (s3://bucket/shard-000000.tar); use one of ais:, file:, "
+                "ftps:, gs:, hf:, htgs:, http:, https:, pipe:, scp:, sftp:, e.g. 'pipe:aws s3 cp "
+                "s3://bucket/shard-000000.tar -'.")
+
+
 @row("train-shards-truncated-member")
 def _(inputs, tmp, monkeypatch):
     folder = _shard_folder(inputs, tmp)

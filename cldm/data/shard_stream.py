@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 import webdataset as wds
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import IterableDataset
+from webdataset.gopen import gopen_schemes
 
 from cldm.data.dataset import CROP_STREAM, hint_array, target_array
 from cldm.data.geometry import frame
@@ -66,6 +67,12 @@ def shard_urls(specs: Sequence[str]) -> list[str]:
     if not urls:
         raise ValueError("--data_shards names no shards; pass .tar files, a brace pattern or the folder that "
                          "tool_make_shards.py wrote.")
+    schemes = sorted({*gopen_schemes} - {"__default__"} | {"file"})
+    unknown = [url for url in urls if _is_url(url) and url.partition(":")[0] not in schemes]
+    if unknown:
+        raise ValueError(f"--data_shards: webdataset opens no {unknown[0].partition(':')[0]}: URLs ({unknown[0]}); "
+                         f"use one of {', '.join(f'{scheme}:' for scheme in schemes)}, e.g. 'pipe:aws s3 cp "
+                         f"s3://bucket/shard-000000.tar -'.")
     missing = [url for url in urls if not _is_url(url) and not os.path.isfile(url)]
     if missing:
         raise FileNotFoundError(f"--data_shards: {len(missing)} of the {len(urls)} shards do not exist (the first is "

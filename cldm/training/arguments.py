@@ -141,7 +141,7 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     _flag(data, "data_shards", type=flags.path, nargs="+", default=None,
           help="train from WebDataset shards instead of --data_root: .tar files, brace patterns "
                "(shard-{000000..000009}.tar), the folder tool_make_shards.py wrote, or URLs webdataset opens "
-               "(pipe:..., s3://...); members {key}.<ext> target, {key}.hint.<ext> hint, {key}.txt or {key}.json "
+               "(pipe:..., gs://..., https://...); members {key}.<ext> target, {key}.hint.<ext> hint, {key}.txt or {key}.json "
                "caption (its --caption_column field)")
     _flag(data, "shuffle_buffer", type=flags.positive_int, default=DEFAULT_SHUFFLE_BUFFER,
           help="with --data_shards: items each DataLoader worker shuffles among (1: the shards' order)")
