@@ -28,7 +28,7 @@ from cldm.data.dataset import MyDataset
 from cldm.data.fill50k import generate_fill50k
 from cldm.data.images import read_color
 from cldm.data.layouts import IMAGE_KEYS
-from cldm.data.shard_stream import ShardStream, shard_counts, shard_urls
+from cldm.data.shard_stream import ShardStream, shard_list
 from cldm.data.shards import make_shards, shard_items
 
 # GPU training rates measured on one H200 (README, Performance): tutorial_train.py in bf16 at batch 4, and with
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         per_worker = time_one_worker(dataset)
         rows.append(("MyDataset item, 1 worker", f"{per_worker:.1f} samples/s"))
         make_shards(str(folder), Path(scratch) / "shards", args.shard_size)
-        urls = shard_urls([str(Path(scratch) / "shards")])
-        stream = ShardStream(urls, shard_counts(urls), args.batch_size, 1, seed=0, resolution=resolution)
+        urls, counts = shard_list([str(Path(scratch) / "shards")])
+        stream = ShardStream(urls, counts, args.batch_size, 1, seed=0, resolution=resolution)
         read_rate, shard_rate = time_shards(urls, stream)
         rows.append((f"shards of {args.shard_size}: read tar members only, 1 worker", f"{read_rate:.1f} pairs/s"))
         rows.append((f"shards of {args.shard_size}: ShardStream item, 1 worker", f"{shard_rate:.1f} samples/s"))

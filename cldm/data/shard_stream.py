@@ -55,15 +55,30 @@ def _is_url(text: str) -> bool:
     return bool(colon) and len(scheme) > 1 and scheme.isidentifier()
 
 
-def shard_urls(specs: Sequence[str]) -> list[str]:
-    """The shards of `--data_shards`: each spec is a folder with shards.json (its shards), a `.tar` path, a brace
-    pattern (`shard-{000000..000009}.tar`) or a URL; local shards must exist."""
-    urls = []
+def shard_list(specs: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The shards of `--data_shards` and the items of each. A spec is a folder with shards.json (its shards, whose
+    names may also be URLs, and their counts), a `.tar` path, a brace pattern (`shard-{000000..000009}.tar`) or a
+    URL; local shards must exist. A shard that no shards.json counts (one listing it, or the one beside it) is read
+    once to count its items."""
+    listed: list[tuple[str, int | None]] = []
     for spec in specs:
         if not _is_url(spec) and os.path.isdir(spec):
-            urls += [os.path.join(spec, name) for name in _manifest(spec, "--data_shards")["shards"]]
+            listed += _manifest_shards(spec).items()
         else:
-            urls += wds.shardlists.expand_urls(spec)
+            listed += [(url, None) for url in wds.shardlists.expand_urls(spec)]
+    urls = [url for url, _ in listed]
+    _check_shards(urls)
+    beside: dict[str, dict[str, int]] = {}  # folder -> the counts of its shards.json (none without one)
+    for url in {url for url, count in listed if count is None and not _is_url(url)}:
+        folder = os.path.dirname(url)
+        if folder not in beside:
+            beside[folder] = _manifest_shards(folder) if os.path.isfile(os.path.join(folder, MANIFEST_NAME)) else {}
+    counts = [count if count is not None else beside.get(os.path.dirname(url), {}).get(url) for url, count in listed]
+    return urls, [_count_items(url) if count is None else count for url, count in zip(urls, counts)]
+
+
+def _check_shards(urls: Sequence[str]) -> None:
+    """Some shards, all local ones existing, every URL of a scheme webdataset opens."""
     if not urls:
         raise ValueError("--data_shards names no shards; pass .tar files, a brace pattern or the folder that "
                          "tool_make_shards.py wrote.")
@@ -77,7 +92,15 @@ def shard_urls(specs: Sequence[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(f"--data_shards: {len(missing)} of the {len(urls)} shards do not exist (the first is "
                                 f"{missing[0]}); check the paths or remake them with tool_make_shards.py.")
-    return urls
+
+
+def _manifest_shards(folder: str) -> dict[str, int]:
+    """{path or URL: items} of the shards that the shards.json of `folder` lists (tool_make_shards.py's: every shard
+    holds `shard_size` items but the last)."""
+    manifest = _manifest(folder, "--data_shards")
+    size, count = manifest["shard_size"], manifest["count"]
+    return {name if _is_url(name) else os.path.join(folder, name): min(size, count - number * size)
+            for number, name in enumerate(manifest["shards"])}
 
 
 def _manifest(folder: str, flag: str) -> dict:
@@ -100,23 +123,10 @@ def _manifest(folder: str, flag: str) -> dict:
     return manifest
 
 
-def shard_counts(urls: Sequence[str]) -> list[int]:
-    """Items per shard: from the shards.json beside a local shard that lists it, else by reading the shard once."""
-    manifests: dict[str, dict | None] = {}
-    counts = []
-    for url in urls:
-        folder, name = os.path.split(url)
-        if folder not in manifests:
-            manifests[folder] = (None if _is_url(url) or not os.path.isfile(os.path.join(folder, MANIFEST_NAME))
-                                 else _manifest(folder, "--data_shards"))
-        manifest = manifests[folder]
-        if manifest is not None and name in manifest["shards"]:
-            number = manifest["shards"].index(name)
-            counts.append(min(manifest["shard_size"], manifest["count"] - number * manifest["shard_size"]))
-        else:
-            with wds.gopen(url) as stream:
-                counts.append(sum(1 for _ in shard_items(stream, url)))
-    return counts
+def _count_items(url: str) -> int:
+    """The items of the shard `url`, read once."""
+    with wds.gopen(url) as stream:
+        return sum(1 for _ in shard_items(stream, url))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +140,8 @@ class ShardStream(IterableDataset):
     `DataOrderCheckpoint` saves its position; `ShardEpochs` tells it the epoch.
 
     Args:
-        urls: the shards (`shard_urls`).
-        counts: the items of each shard (`shard_counts`).
+        urls: the shards (`shard_list`).
+        counts: the items of each shard (`shard_list`).
         batch_size: items per batch on each rank.
         world_size: the number of ranks.
         seed: base seed of the shard orders, the shuffle buffers and the per-item draws.

@@ -8,7 +8,7 @@ import torch
 import webdataset as wds
 from pytorch_lightning.utilities import rank_zero_info
 
-from cldm.data.shard_stream import ShardStream, shard_counts, shard_urls
+from cldm.data.shard_stream import ShardStream, shard_list
 from cldm.data.shards import decode_item, shard_items
 from cldm.training.batch_probe import MAX_BATCH
 
@@ -46,8 +46,7 @@ def check_shard_args(args: argparse.Namespace) -> None:
 def build_shard_stream(args: argparse.Namespace) -> ShardStream:
     """The stream of `--data_shards` for `--batch_size` on every device of every node; its first item is decoded
     now, so that a damaged first shard fails before any heavy work."""
-    urls = shard_urls(args.data_shards)
-    counts = shard_counts(urls)
+    urls, counts = shard_list(args.data_shards)
     world_size = args.devices * args.num_nodes
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()).item())
     stream = ShardStream(urls, counts, args.batch_size, world_size, seed, resolution=args.resolution,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from cldm.data.data_order import Visit
 from cldm.data.dataset import MyDataset
-from cldm.data.shard_stream import ShardStream, shard_counts, shard_urls
+from cldm.data.shard_stream import ShardStream, shard_list
 from cldm.data.shards import make_shards
 from tests.helpers.tiny_training import make_data
 
@@ -27,9 +27,8 @@ def data(tmp_path_factory) -> Path:
 def _stream(data: Path, out: Path, shard_size: int, **options) -> ShardStream:
     if not out.exists():
         make_shards(str(data), out, shard_size)
-    urls = shard_urls([str(out)])
     options = {"batch_size": 2, "world_size": 1, "seed": 3, **options}
-    return ShardStream(urls, shard_counts(urls), **options)
+    return ShardStream(*shard_list([str(out)]), **options)
 
 
 def _identity(sample: dict) -> tuple[str, bytes]:
@@ -125,9 +124,18 @@ def test_skip_bad_samples_skips_an_undecodable_item_with_a_warning(data: Path, t
 
 def test_brace_patterns_and_pipe_commands_name_the_same_shards(data: Path, tmp_path: Path) -> None:
     stream = _stream(data, tmp_path / "shards", 4, shuffle_buffer=1)
-    pattern = shard_urls([str(tmp_path / "shards" / "shard-{000000..000001}.tar")])
-    assert pattern == stream.urls
+    assert shard_list([str(tmp_path / "shards" / "shard-{000000..000001}.tar")]) == (stream.urls, [4, 4])
     piped = [f"pipe:cat {url}" for url in stream.urls]
-    assert shard_urls(piped) == piped and shard_counts(piped) == [4, 4]  # counted by reading, without shards.json
+    assert shard_list(piped) == (piped, [4, 4])  # counted by reading, without shards.json
     from_pipes = ShardStream(piped, [4, 4], batch_size=2, world_size=1, seed=3, shuffle_buffer=1)
     assert [_identity(sample) for sample in from_pipes] == [_identity(sample) for sample in stream]
+
+
+def test_a_shards_json_may_list_urls_whose_counts_it_gives(data: Path, tmp_path: Path) -> None:
+    stream = _stream(data, tmp_path / "shards", 4)
+    manifest = json.loads((tmp_path / "shards" / "shards.json").read_text())
+    manifest["shards"] = [f"pipe:false {name}" for name in manifest["shards"]]  # never run: counted by the manifest
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "shards.json").write_text(json.dumps(manifest))
+    assert shard_list([str(tmp_path / "remote")]) == (manifest["shards"], [4, 4])
+    assert stream.counts == [4, 4]
