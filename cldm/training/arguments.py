@@ -137,12 +137,12 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
     data = parser.add_argument_group("data")
     _flag(data, "data_root", type=flags.path, default=None,
           help=f"data set folder: prompt.json and its images (Fill50K layout), or metadata.jsonl and its images "
-               f"(image-folder layout) (when neither it nor --data_shards is given: {DEFAULT_DATA_ROOT})")
+               f"(image-folder layout); {DEFAULT_DATA_ROOT} when neither it nor --data_shards is given")
     _flag(data, "data_shards", type=flags.path, nargs="+", default=None,
           help="train from WebDataset shards instead of --data_root: .tar files, brace patterns "
                "(shard-{000000..000009}.tar), the folder tool_make_shards.py wrote, or URLs webdataset opens "
-               "(pipe:..., gs://..., https://...); members {key}.<ext> target, {key}.hint.<ext> hint, {key}.txt or {key}.json "
-               "caption (its --caption_column field)")
+               "(pipe:..., gs://..., https://...); members {key}.<ext> target, {key}.hint.<ext> hint, {key}.txt "
+               "or {key}.json caption (its --caption_column field)")
     _flag(data, "shuffle_buffer", type=flags.positive_int, default=DEFAULT_SHUFFLE_BUFFER,
           help="with --data_shards: items each DataLoader worker shuffles among (1: the shards' order)")
     _flag(data, "skip_bad_samples", action="store_true",

@@ -27,8 +27,8 @@ from cldm.data.buckets import assign_buckets, bucket_histogram, bucket_sizes
 from cldm.data.data_order import BucketBatchSampler, DataOrderCheckpoint, ResumableRandomSampler
 from cldm.data.dataset import MyDataset
 from cldm.data.latent_cache import LatentCache
-from cldm.data.shard_stream import ShardEpochs, ShardStream
 from cldm.data.layouts import columns_from
+from cldm.data.shard_stream import ShardEpochs, ShardStream
 from cldm.logger import ImageLogger
 from cldm.model import check_weights_fit, create_model, load_state_dict, load_weights
 from cldm.training.arguments import (
@@ -53,8 +53,8 @@ from cldm.host_memory import retain_freed_host_memory
 from cldm.training.evaluation import ValidationSet, build_evaluation, hold_out
 from cldm.training.optimizers import build_adamw
 from cldm.training.run_lock import run_lock
-from cldm.training.shard_training import build_shard_stream, check_readers, first_item_size
 from cldm.training.resume import RunSettings, check_resumed_settings, run_settings
+from cldm.training.shard_training import build_shard_stream, check_readers, first_item_size
 from cldm.training.speed import apply_speed_options
 from ldm.checkpoint import read_checkpoint
 
