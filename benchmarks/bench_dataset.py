@@ -2,9 +2,12 @@
 
 One worker's rate is `MyDataset[i]` in a loop in this process (read both PNGs, convert to RGB, resize to
 `--resolution`, make the float hint and target): a DataLoader worker does exactly that, then pickles the sample to
-the main process. "decode only" is the two `cv2.imread`s of a pair, the floor of any PNG layout. The DataLoader rows
-add batching and, with workers, inter-process transfer; on a machine with fewer free cores than workers they show
-the cores, not the loader. "workers for N samples/s" is ceil(N / one worker's rate) for the GPU training rates
+the main process. The shard rows do the same from the folder's WebDataset shards (tool_make_shards.py,
+`--shard-size` items each): "read tar members only" streams the members without decoding them, "ShardStream item"
+is one reader of `--data_shards` (read, shuffle buffer, decode, frame), the same work as a `MyDataset` item.
+"decode only" is the two `cv2.imread`s of a pair, the floor of any PNG layout. The DataLoader rows add batching
+and, with workers, inter-process transfer; on a machine with fewer free cores than workers they show the cores, not
+the loader. "workers for N samples/s" is ceil(N / one worker's rate) for the GPU training rates
 measured in the README (H200: 23.0 samples/s at batch 4 in bf16, 87.2 samples/s with the latent cache at batch 32).
 
 Run from the repository root:
@@ -26,6 +29,8 @@ from cldm.data.dataset import MyDataset
 from cldm.data.fill50k import generate_fill50k
 from cldm.data.images import read_color
 from cldm.data.layouts import IMAGE_KEYS
+from cldm.data.shard_stream import ShardStream, shard_list
+from cldm.data.shards import make_shards, shard_items
 
 # GPU training rates measured on one H200 (README, Performance): tutorial_train.py in bf16 at batch 4, and with
 # the latent cache and the optimizer in backward at batch 32.
@@ -41,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generator-workers", type=int, default=2, help="processes of the generator")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to time")
     parser.add_argument("--batch-size", type=int, default=4, help="DataLoader batch size")
+    parser.add_argument("--shard-size", type=int, default=64, help="items per shard of the shard rows")
     parser.add_argument("--gpu-samples-per-s", type=float, nargs="+", default=list(GPU_SAMPLES_PER_S),
                         help="GPU training rates to translate into DataLoader workers")
     return parser
@@ -81,6 +87,22 @@ def time_loader(dataset: MyDataset, batch_size: int, num_workers: int) -> float:
     return samples / (time.perf_counter() - started)
 
 
+def time_shards(urls: list[str], stream: ShardStream) -> tuple[float, float]:
+    """Pairs per second of reading the members of every shard, and samples per second of one reader of `stream`
+    (the whole epoch in this process, after its first item)."""
+    started = time.perf_counter()
+    items = 0
+    for url in urls:
+        with open(url, "rb") as file:
+            items += sum(1 for _ in shard_items(file, url))
+    read_rate = items / (time.perf_counter() - started)
+    samples = iter(stream)
+    next(samples)
+    started = time.perf_counter()
+    count = sum(1 for _ in samples)
+    return read_rate, count / (time.perf_counter() - started)
+
+
 def markdown_table(header: tuple[str, str], rows: list[tuple[str, str]]) -> list[str]:
     """The rows as a Markdown table, ready to paste into benchmarks/results.md."""
     return [f"| {header[0]} | {header[1]} |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
@@ -102,12 +124,19 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("decode only (2 PNGs), 1 worker", f"{time_decode(dataset):.1f} pairs/s"))
         per_worker = time_one_worker(dataset)
         rows.append(("MyDataset item, 1 worker", f"{per_worker:.1f} samples/s"))
+        make_shards(str(folder), Path(scratch) / "shards", args.shard_size)
+        urls, counts = shard_list([str(Path(scratch) / "shards")])
+        stream = ShardStream(urls, counts, args.batch_size, 1, seed=0, resolution=resolution)
+        read_rate, shard_rate = time_shards(urls, stream)
+        rows.append((f"shards of {args.shard_size}: read tar members only, 1 worker", f"{read_rate:.1f} pairs/s"))
+        rows.append((f"shards of {args.shard_size}: ShardStream item, 1 worker", f"{shard_rate:.1f} samples/s"))
         for num_workers in args.loader_workers:
             rate = time_loader(dataset, args.batch_size, num_workers)
             rows.append((f"DataLoader, batch {args.batch_size}, num_workers {num_workers}", f"{rate:.1f} samples/s"))
     for gpu_rate in args.gpu_samples_per_s:
-        rows.append((f"workers for {gpu_rate:g} samples/s", str(math.ceil(gpu_rate / per_worker))))
-    print(f"Fill50K layout, {args.pairs} pairs of {args.size} px PNGs, --resolution {resolution}")
+        rows.append((f"workers for {gpu_rate:g} samples/s (folder / shards)",
+                     f"{math.ceil(gpu_rate / per_worker)} / {math.ceil(gpu_rate / shard_rate)}"))
+    print(f"Fill50K layout and its shards, {args.pairs} pairs of {args.size} px PNGs, --resolution {resolution}")
     print()
     print("\n".join(markdown_table(("what", "rate"), rows)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ from cldm.data.data_order import ResumableRandomSampler
 from cldm.logger import ImageLogger
 from cldm.checkpoints.random_weights import random_base_state_dict
 from cldm.data.dataset import MyDataset
+from cldm.data.shards import make_shards
 
 from run_logs import training_rows, write_log
 from tiny_training import (
@@ -1657,6 +1660,160 @@ def _(inputs, tmp, monkeypatch):
                 f"the file or remove the item.")
 
 
+# ---------------------------------------------------------------------------------------------
+# tutorial_train.py --data_shards (cldm.data.shard_stream)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shard_folder(inputs: Inputs, tmp: Path) -> Path:
+    """The 4 items of the good data set as 2 shards of 2 items (keys 000000000 to 000000003)."""
+    make_shards(str(inputs.data), tmp / "shards", 2)
+    return tmp / "shards"
+
+
+def _rewrite_shard(path: Path, change: Callable[[str, bytes], tuple[str, bytes] | None]) -> None:
+    """Rewrite the shard `path` with each member passed through `change` (None leaves it out)."""
+    with tarfile.open(path) as archive:
+        members = [(info.name, archive.extractfile(info).read()) for info in archive]
+    with tarfile.open(path, "w") as archive:
+        for name, data in filter(None, (change(*member) for member in members)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def _train_shards(inputs: Inputs, tmp: Path, shards, *extra) -> list:
+    argv = _train(inputs, tmp, *extra)
+    position = argv.index("--data_root")
+    return argv[:position] + ["--data_shards", *([shards] if isinstance(shards, (str, Path)) else shards)] + \
+        argv[position + 2:]
+
+
+@row("train-shards-and-data-root")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train(inputs, tmp, "--data_shards", _shard_folder(inputs, tmp)),
+                "--data_root and --data_shards both name the training data; pass one of the two")
+
+
+@row("train-shards-empty-list")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "shards"
+    folder.mkdir()
+    (folder / "shards.json").write_text(json.dumps({"format": "controlnet-webdataset-shards", "count": 0,
+                                                    "shard_size": 2, "shards": []}))
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, folder),
+                "--data_shards names no shards; pass .tar files, a brace pattern or the folder that "
+                "tool_make_shards.py wrote.")
+
+
+@row("train-shards-missing-file")
+def _(inputs, tmp, monkeypatch):
+    folder = _shard_folder(inputs, tmp)
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, str(folder / "shard-{000000..000002}.tar")),
+                f"--data_shards: 1 of the 3 shards do not exist (the first is {folder}/shard-000002.tar); check the "
+                f"paths or remake them with tool_make_shards.py.")
+
+
+@row("train-shards-folder-without-manifest")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "photos").mkdir()
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, tmp / "photos"),
+                f"--data_shards: the folder {tmp}/photos has no shards.json; pass the folder that tool_make_shards.py "
+                f"wrote, or the .tar files themselves.")
+
+
+@row("train-shards-manifest-not-ours")
+def _(inputs, tmp, monkeypatch):
+    folder = tmp / "shards"
+    folder.mkdir()
+    (folder / "shards.json").write_text('{"shards": "all of them"}')
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, folder),
+                f"--data_shards: {folder}/shards.json is not the shard list tool_make_shards.py writes (a JSON object "
+                f"with the format 'controlnet-webdataset-shards' and the fields format, count, shard_size, shards); "
+                f"remake the folder with tool_make_shards.py, or pass the .tar files themselves.")
+
+
+@row("train-shards-url-scheme-unknown")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, "s3://bucket/shard-000000.tar"),
+                "--data_shards: webdataset opens no s3: URLs (s3://bucket/shard-000000.tar); use one of ais:, file:, "
+                "ftps:, gs:, hf:, htgs:, http:, https:, pipe:, scp:, sftp:, e.g. 'pipe:aws s3 cp "
+                "s3://bucket/shard-000000.tar -'.")
+
+
+@row("train-shards-truncated-member")
+def _(inputs, tmp, monkeypatch):
+    folder = _shard_folder(inputs, tmp)
+    shard = folder / "shard-000001.tar"
+    with tarfile.open(shard) as archive:
+        target = archive.getmembers()[1]
+    shard.write_bytes(shard.read_bytes()[:target.offset_data + 10])  # inside the target's bytes
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, folder, "--max_steps", "2", "--num_workers", "1"),
+                f"Shard {shard} is truncated or damaged in the member 000000002.png; remake it with "
+                f"tool_make_shards.py.", in_training=True, check=_no_checkpoints(tmp / "run" / "checkpoints"))
+
+
+@row("train-shards-no-hint")
+def _(inputs, tmp, monkeypatch):
+    folder = _shard_folder(inputs, tmp)
+    _rewrite_shard(folder / "shard-000000.tar", lambda name, data: None if name == "000000000.hint.png"
+                   else (name, data))
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, folder),
+                f"Shard {folder}/shard-000000.tar has no source member (a 000000000.hint.<ext>) for the key 000000000 "
+                f"(it holds 000000000.png, 000000000.txt); remake it with tool_make_shards.py.")
+
+
+@row("train-shards-fewer-than-readers")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, _shard_folder(inputs, tmp), "--num_workers", "3"),
+                "--data_shards has 2 shards for 3 readers (1 device(s) x 3 DataLoader worker(s)), and each reader "
+                "needs a shard of its own; make smaller shards (tool_make_shards.py --shard_size) or pass fewer "
+                "--num_workers")
+
+
+_SHARDS_ARE_STREAMED = "shards are streamed in an order drawn per epoch, not read by index"
+
+
+@row("train-shards-buckets")
+def _(inputs, tmp, monkeypatch):
+    argv = _train_shards(inputs, tmp, _shard_folder(inputs, tmp), "--buckets", "--resolution", "64")
+    return Case(tutorial_train.main, argv,
+                f"--buckets groups a data set folder's items by their sizes before training, and "
+                f"{_SHARDS_ARE_STREAMED}; train from the folder with --data_root, or drop --buckets")
+
+
+@row("train-shards-latent-cache")
+def _(inputs, tmp, monkeypatch):
+    argv = _train_shards(inputs, tmp, _shard_folder(inputs, tmp), "--latent_cache", tmp / "cache")
+    return Case(tutorial_train.main, argv,
+                f"--latent_cache serves a data set folder's items by index, and {_SHARDS_ARE_STREAMED}; train from "
+                f"the folder with --data_root, or drop --latent_cache")
+
+
+@row("train-shards-val-items")
+def _(inputs, tmp, monkeypatch):
+    argv = _train_shards(inputs, tmp, _shard_folder(inputs, tmp), "--eval_every_n_steps", "1", "--val_items", "1")
+    return Case(tutorial_train.main, argv,
+                f"--val_items holds the last items of a data set folder out, and {_SHARDS_ARE_STREAMED}; pass a "
+                f"folder of validation items with --val_data_root instead")
+
+
+@row("train-shards-eval-without-val-data-root")
+def _(inputs, tmp, monkeypatch):
+    argv = _train_shards(inputs, tmp, _shard_folder(inputs, tmp), "--eval_every_n_steps", "1")
+    return Case(tutorial_train.main, argv,
+                f"--eval_every_n_steps with --data_shards needs --val_data_root (a folder of validation items), since "
+                f"{_SHARDS_ARE_STREAMED}")
+
+
+@row("train-shards-batch-size-max")
+def _(inputs, tmp, monkeypatch):
+    argv = _train_shards(inputs, tmp, _shard_folder(inputs, tmp), "--batch_size", "max")
+    return Case(tutorial_train.main, argv,
+                "--batch_size max tries the step on the first item of a data set folder; with --data_shards pass a "
+                "number")
+
+
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
     files = {}
@@ -1878,7 +2035,19 @@ def test_row_train_source_other_size_same_aspect(inputs: Inputs, tmp_path: Path)
     assert tutorial_train.main([str(arg) for arg in argv]) == 0
 
 
+def test_row_train_shards_skip_bad_samples(inputs: Inputs, tmp_path: Path, caplog) -> None:
+    folder = _shard_folder(inputs, tmp_path)
+    _rewrite_shard(folder / "shard-000001.tar", lambda name, data: (name, b"not a png") if name == "000000003.png"
+                   else (name, data))
+    argv = _train_shards(inputs, tmp_path, folder, "--skip_bad_samples", "--max_steps", "2")
+    with caplog.at_level("WARNING"):
+        assert tutorial_train.main([str(arg) for arg in argv]) == 0
+    assert (f"--skip_bad_samples: skipping the item: Member 000000003.png of shard {folder}/shard-000001.tar could "
+            f"not be read") in caplog.text
+
+
 ACCEPTED_ROWS = {
+    "train-shards-skip-bad-samples": test_row_train_shards_skip_bad_samples,
     "fill50k-force-replaces-its-own-data-set": test_row_fill50k_force_replaces_its_own_data_set,
     "tool-killed-mid-write": test_row_tool_killed_mid_write,
     "tool-writing-into-the-same-folder": test_row_tool_writing_into_the_same_folder,

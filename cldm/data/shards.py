@@ -5,7 +5,8 @@ An item with index i has the key `f"{i:09d}"` and three members: `{key}.<ext>` (
 file's own extension, lowercased. Shards are named `shard-000000.tar`, ... and hold `shard_size` items each (the
 last one fewer). Beside them `shards.json` records the format, the item count, the shard names and the layout of
 the folder they were made from. The whole folder is written under a temporary name and renamed when complete.
-`read_shard_samples` reads the items back as `MyDataset` gives them at its defaults.
+`read_shard_samples` reads the items back as `MyDataset` gives them at its defaults; `shard_items` and
+`decode_item` read and decode any tar stream of this format (`cldm.data.shard_stream` streams them for training).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -102,29 +104,59 @@ def make_shards(data_root: str, out: PathLike, shard_size: int, overwrite: bool 
 
 
 
-def read_shard_samples(paths: Sequence[PathLike],
-                       max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[dict[str, np.ndarray | str]]:
+def read_shard_samples(paths: Sequence[PathLike], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                       caption: str = "text") -> Iterator[dict[str, np.ndarray | str]]:
     """The items of the shards `paths`, in order, as `dict(jpg=target in [-1, 1], txt=prompt, hint=hint in [0, 1])`:
     what `MyDataset` gives for the same items at its defaults (images at their own size, a hint of another size
     resized to its target's, no prompt dropout). A truncated shard or an item without a member is one sentence that
-    names the shard and the key."""
+    names the shard and the key; `caption` is the field of a `{key}.json` caption."""
     if not paths:
         raise ValueError("The shard list is empty; pass the .tar files that tool_make_shards.py wrote.")
     for path in paths:
-        for key, members in _shard_items(os.fspath(path)):
-            yield _sample(os.fspath(path), key, members, max_image_pixels)
+        with open(path, "rb") as file:
+            for key, members in shard_items(file, os.fspath(path)):
+                source, target, prompt = decode_item(os.fspath(path), key, members, max_image_pixels, caption)
+                yield dict(jpg=target_array(target), txt=prompt, hint=hint_array(source))
 
 
-def _shard_items(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {member name after the key: bytes}) of each item of the shard `path`; an item's members are adjacent."""
-    truncated = f"Shard {path} is truncated or damaged"
+class _CountingReader(io.RawIOBase):
+    """A readable stream that counts the bytes read through it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[:len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+def shard_items(stream: BinaryIO, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member name after the key: bytes}) of each item of the tar stream `stream` (the shard `name`), read
+    front to back; an item's members are adjacent. A truncated or damaged shard is one sentence naming it."""
+    truncated = f"Shard {name} is truncated or damaged"
+    reader = _CountingReader(stream)
     try:
-        archive = tarfile.open(path)
+        archive = tarfile.open(fileobj=reader, mode="r|")
     except tarfile.ReadError:
         raise ValueError(f"{truncated}: it is not a tar file; remake it with tool_make_shards.py.") from None
     with archive:
         key, members = None, {}
-        for info in archive:
+        while True:
+            try:
+                info = archive.next()
+            except tarfile.ReadError:
+                raise ValueError(f"{truncated} after the key {key}; remake it with tool_make_shards.py.") from None
+            if info is None:
+                break
+            if not info.isfile():
+                continue
             member_key, _, suffix = info.name.partition(".")
             if member_key != key and key is not None:
                 yield key, members
@@ -135,37 +167,59 @@ def _shard_items(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             except (tarfile.ReadError, EOFError):
                 raise ValueError(f"{truncated} in the member {info.name}; remake it with "
                                  f"tool_make_shards.py.") from None
-        if os.path.getsize(path) < archive.offset + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
+        while reader.read(1 << 16):  # the end-of-archive blocks and the record's padding
+            pass
+        if reader.count < archive.offset + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
             raise ValueError(f"{truncated} after the key {key}; remake it with tool_make_shards.py.")
         if key is not None:
             yield key, members
 
 
-def _sample(path: str, key: str, members: dict[str, bytes], max_image_pixels: int) -> dict[str, np.ndarray | str]:
-    """One item from its members: decoded as `MyDataset` reads files, the hint resized to the target's size."""
-    names = {"target": next((name for name in members if name != "txt" and not name.startswith("hint.")), None),
-             "source": next((name for name in members if name.startswith("hint.")), None),
-             "prompt": "txt" if "txt" in members else None}
-    for record_key, member in (("source", "a {key}.hint.<ext>"), ("target", "a {key}.<ext>"), ("prompt", "{key}.txt")):
+def decode_item(name: str, key: str, members: dict[str, bytes], max_image_pixels: int,
+                caption: str = "text") -> tuple[np.ndarray, np.ndarray, str]:
+    """(hint, target, prompt) of one item of the shard `name` from its members: the images uint8 RGB as `MyDataset`
+    reads files, the hint resized to the target's size; the prompt from `{key}.txt`, or the field `caption` of
+    `{key}.json`."""
+    prompt_member = "txt" if "txt" in members else "json" if "json" in members else None
+    names = {"target": next((member for member in members
+                             if member not in ("txt", "json") and not member.startswith("hint.")), None),
+             "source": next((member for member in members if member.startswith("hint.")), None),
+             "prompt": prompt_member}
+    for record_key, member in (("source", "a {key}.hint.<ext>"), ("target", "a {key}.<ext>"),
+                               ("prompt", "{key}.txt")):
         if names[record_key] is None:
-            raise ValueError(f"Shard {path} has no {record_key} member ({member.format(key=key)}) for the key {key} "
-                             f"(it holds {', '.join(f'{key}.{name}' for name in members)}); remake it with "
+            raise ValueError(f"Shard {name} has no {record_key} member ({member.format(key=key)}) for the key {key} "
+                             f"(it holds {', '.join(f'{key}.{member}' for member in members)}); remake it with "
                              f"tool_make_shards.py.")
-    source, target = (_decode(path, f"{key}.{names[record_key]}", members[names[record_key]], max_image_pixels)
+    source, target = (_decode(name, f"{key}.{names[record_key]}", members[names[record_key]], max_image_pixels)
                       for record_key in IMAGE_KEYS)
     check_same_aspect_ratio({"source": f"{key}.{names['source']}", "target": f"{key}.{names['target']}"},
                             source.shape[1::-1], target.shape[1::-1])
-    source = resize(source, target.shape[1::-1])
+    return resize(source, target.shape[1::-1]), target, _prompt(name, key, prompt_member, members[prompt_member],
+                                                                caption)
+
+
+def _prompt(name: str, key: str, member: str, data: bytes, caption: str) -> str:
+    """The prompt of `{key}.txt` (the text) or `{key}.json` (its field `caption`)."""
+    where = f"Member {key}.{member} of shard {name}"
     try:
-        prompt = members["txt"].decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"Member {key}.txt of shard {path} is not UTF-8 text; save the prompt as UTF-8.") from None
-    return dict(jpg=target_array(target), txt=prompt, hint=hint_array(source))
+        raise ValueError(f"{where} is not UTF-8 text; save the prompt as UTF-8.") from None
+    if member == "txt":
+        return text
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error.msg}); write the caption as a JSON object.") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get(caption), str):
+        raise ValueError(f"{where} has no text field {caption!r}; name the caption field with --caption_column.")
+    return fields[caption]
 
 
-def _decode(path: str, name: str, data: bytes, max_image_pixels: int) -> np.ndarray:
-    """The member `name` of shard `path` as uint8 RGB; an unreadable or too large image becomes one sentence."""
-    where = f"Member {name} of shard {path}"
+def _decode(name: str, member: str, data: bytes, max_image_pixels: int) -> np.ndarray:
+    """The member `member` of shard `name` as uint8 RGB; an unreadable or too large image becomes one sentence."""
+    where = f"Member {member} of shard {name}"
     try:
         return cv2.cvtColor(decode_color(data, where, max_image_pixels), cv2.COLOR_BGR2RGB)
     except (UnreadableImageError, TooManyPixelsError) as error:

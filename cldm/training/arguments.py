@@ -19,9 +19,11 @@ from cldm.data.geometry import CROP_POSITIONS, RESIZE_MODES, check_random_crop
 from cldm.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, check_resolution_pixels
 from cldm.data.latent_cache import default_cache_folder
 from cldm.data.layouts import add_column_flags
+from cldm.data.shard_stream import DEFAULT_SHUFFLE_BUFFER
 from cldm.training.batch_probe import MAX_BATCH
 from cldm.training.callbacks import newest_checkpoint
 from cldm.training.evaluation import DEFAULT_VAL_ITEMS, EVAL_DEFAULTS, check_evaluation_args
+from cldm.training.shard_training import DEFAULT_DATA_ROOT, check_shard_args
 from ldm.checkpoint import read_checkpoint
 
 # Defaults of the original tutorial_train.py; the other scripts override a few of them.
@@ -133,9 +135,19 @@ def build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Argu
                "at once (one device; not with gradient accumulation, clipping, 16-mixed or --skip_nonfinite)")
 
     data = parser.add_argument_group("data")
-    _flag(data, "data_root", type=flags.path, default="./training/fill50k",
-          help="data set folder: prompt.json and its images (Fill50K layout), or metadata.jsonl and its images "
-               "(image-folder layout)")
+    _flag(data, "data_root", type=flags.path, default=None,
+          help=f"data set folder: prompt.json and its images (Fill50K layout), or metadata.jsonl and its images "
+               f"(image-folder layout); {DEFAULT_DATA_ROOT} when neither it nor --data_shards is given")
+    _flag(data, "data_shards", type=flags.path, nargs="+", default=None,
+          help="train from WebDataset shards instead of --data_root: .tar files, brace patterns "
+               "(shard-{000000..000009}.tar), the folder tool_make_shards.py wrote, or URLs webdataset opens "
+               "(pipe:..., gs://..., https://...); members {key}.<ext> target, {key}.hint.<ext> hint, {key}.txt "
+               "or {key}.json caption (its --caption_column field)")
+    _flag(data, "shuffle_buffer", type=flags.positive_int, default=DEFAULT_SHUFFLE_BUFFER,
+          help="with --data_shards: items each DataLoader worker shuffles among (1: the shards' order)")
+    _flag(data, "skip_bad_samples", action="store_true",
+          help="with --data_shards: skip an undecodable item, or the rest of a damaged shard, with a warning "
+               "instead of stopping")
     add_column_flags(data)
     _flag(data, "resolution", type=flags.positive_int, default=None, help="resize images to this size (multiple of 64)")
     _flag(data, "resize", default="crop", choices=RESIZE_MODES,
@@ -357,6 +369,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--resolution must be a positive multiple of 64, got {args.resolution}")
     check_pixel_limit(args.max_image_pixels, "--max_image_pixels")
     check_resolution_pixels(args.resolution, args.max_image_pixels)
+    check_shard_args(args)
     _check_framing(args)
     if args.latent_cache == "":
         args.latent_cache = str(default_cache_folder(args.data_root))

@@ -28,6 +28,7 @@ from cldm.data.data_order import BucketBatchSampler, DataOrderCheckpoint, Resuma
 from cldm.data.dataset import MyDataset
 from cldm.data.latent_cache import LatentCache
 from cldm.data.layouts import columns_from
+from cldm.data.shard_stream import ShardEpochs, ShardStream
 from cldm.logger import ImageLogger
 from cldm.model import check_weights_fit, create_model, load_state_dict, load_weights
 from cldm.training.arguments import (
@@ -53,6 +54,7 @@ from cldm.training.evaluation import ValidationSet, build_evaluation, hold_out
 from cldm.training.optimizers import build_adamw
 from cldm.training.run_lock import run_lock
 from cldm.training.resume import RunSettings, check_resumed_settings, run_settings
+from cldm.training.shard_training import build_shard_stream, check_readers, first_item_size
 from cldm.training.speed import apply_speed_options
 from ldm.checkpoint import read_checkpoint
 
@@ -126,9 +128,14 @@ def check_dataset(dataset: MyDataset, resolution: int | None) -> None:
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(listed)} images listed in {dataset.index_path} do not "
                                 f"exist (the first is {missing[0]}); restore them or remove their lines")
-    width, height = dataset.check_item(0)
+    check_model_size(dataset.check_item(0), resolution, root)
+
+
+def check_model_size(size: tuple[int, int], resolution: int | None, where: str) -> None:
+    """Without `--resolution`, images of (width, height) `size` must have sides the model takes."""
+    width, height = size
     if resolution is None and (height % IMAGE_SIZE_MULTIPLE or width % IMAGE_SIZE_MULTIPLE):
-        raise ValueError(f"the images in {root} are {width}x{height} px but the model needs sides that are "
+        raise ValueError(f"the images in {where} are {width}x{height} px but the model needs sides that are "
                          f"multiples of {IMAGE_SIZE_MULTIPLE}; pass --resolution 512 (or another multiple of "
                          f"{IMAGE_SIZE_MULTIPLE}) to resize them")
 
@@ -151,10 +158,15 @@ def default_num_workers(on_gpu: bool, devices: int) -> int:
     return max(1, min(MAX_GPU_WORKERS, (os.cpu_count() or 1) // max(1, devices) - 1))
 
 
-def build_dataset(args: argparse.Namespace) -> MyDataset:
+def build_dataset(args: argparse.Namespace) -> MyDataset | ShardStream:
     """The data set of `--data_root` (either layout of `cldm.data.layouts`), served from `--latent_cache` when given,
-    less the last `--val_items` items (held out for evaluation); it and `--val_data_root` are checked before any
-    heavy work."""
+    less the last `--val_items` items (held out for evaluation), or the stream of `--data_shards`; it and
+    `--val_data_root` are checked before any heavy work."""
+    if args.data_shards is not None:
+        stream = build_shard_stream(args)
+        check_model_size(first_item_size(stream), args.resolution, stream.urls[0])
+        check_validation_set(args)
+        return stream
     dataset = MyDataset(root=args.data_root, resolution=args.resolution, prompt_dropout=args.prompt_dropout,
                         seed=args.seed, max_image_pixels=args.max_image_pixels, resize=args.resize, crop=args.crop,
                         columns=columns_from(args))
@@ -162,16 +174,22 @@ def build_dataset(args: argparse.Namespace) -> MyDataset:
         dataset.latent_cache = LatentCache.open(args.latent_cache)
         dataset.latent_cache.check_data_set(dataset.root, dataset.data, args.resolution, args.resize)
     check_dataset(dataset, args.resolution)
-    if args.val_data_root is not None:
-        try:
-            check_dataset(ValidationSet.from_args(args).dataset(), args.resolution)
-        except (OSError, ValueError) as error:
-            raise type(error)(f"--val_data_root: {error}") from error
-    elif args.val_items is not None:
+    check_validation_set(args)
+    if args.val_items is not None:
         hold_out(dataset, args.val_items)
     if args.buckets:
         use_buckets(dataset, args.resolution)
     return dataset
+
+
+def check_validation_set(args: argparse.Namespace) -> None:
+    """Check the data set of `--val_data_root`, if given, as the training data set."""
+    if args.val_data_root is None:
+        return
+    try:
+        check_dataset(ValidationSet.from_args(args).dataset(), args.resolution)
+    except (OSError, ValueError) as error:
+        raise type(error)(f"--val_data_root: {error}") from error
 
 
 def use_buckets(dataset: MyDataset, resolution: int) -> None:
@@ -192,9 +210,15 @@ def resolve_batch_size(args: argparse.Namespace, model: pl.LightningModule, data
     rank_zero_info(f"--batch_size max: training with batch {args.batch_size}, the largest that fits")
 
 
-def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool) -> DataLoader:
+def build_dataloader(args: argparse.Namespace, dataset: MyDataset | ShardStream, on_gpu: bool) -> DataLoader:
     """Batches of `dataset`, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank. With
-    `--buckets`, a `BucketBatchSampler` makes batches of one size each from the same order, and shards them itself."""
+    `--buckets`, a `BucketBatchSampler` makes batches of one size each from the same order, and shards them itself.
+    A `ShardStream` splits itself between ranks and workers; its workers start again each epoch, with its epoch."""
+    workers = default_num_workers(on_gpu, args.devices) if args.num_workers is None else args.num_workers
+    if isinstance(dataset, ShardStream):
+        check_readers(dataset, workers)
+        return DataLoader(dataset, batch_size=args.batch_size, generator=torch.Generator().manual_seed(dataset.seed),
+                          num_workers=workers, collate_fn=collate_same_size, pin_memory=on_gpu)
     if args.batch_size > len(dataset):
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
                          f"{args.data_root}; use a smaller batch size")
@@ -202,7 +226,6 @@ def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool)
     # Each new iterator draws its workers' base seed from `generator`; from the global random stream it would take
     # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
     generator = torch.Generator().manual_seed(sampler.seed)
-    workers = default_num_workers(on_gpu, args.devices) if args.num_workers is None else args.num_workers
     common = dict(generator=generator, num_workers=workers, collate_fn=collate_same_size, pin_memory=on_gpu,
                   persistent_workers=workers > 0)
     if args.buckets:
@@ -211,8 +234,10 @@ def build_dataloader(args: argparse.Namespace, dataset: MyDataset, on_gpu: bool)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, **common)
 
 
-def data_order(dataloader: DataLoader) -> ResumableRandomSampler | BucketBatchSampler:
-    """What decides the loader's order: its `BucketBatchSampler`, else its sampler."""
+def data_order(dataloader: DataLoader) -> ResumableRandomSampler | BucketBatchSampler | ShardStream:
+    """What decides the loader's order: its `ShardStream` or `BucketBatchSampler`, else its sampler."""
+    if isinstance(dataloader.dataset, ShardStream):
+        return dataloader.dataset
     if isinstance(dataloader.batch_sampler, BucketBatchSampler):
         return dataloader.batch_sampler
     return dataloader.sampler
@@ -250,11 +275,12 @@ def build_callbacks(args: argparse.Namespace, sampler: ResumableRandomSampler | 
         save_on_exception=True, enable_version_counter=False)
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["txt"]))
     cached_encoders = [CachedEncodersOnCPU()] if args.latent_cache is not None else []
+    shard_epochs = [ShardEpochs(sampler)] if isinstance(sampler, ShardStream) else []
     return [NonFiniteLossGuard(checkpoint_dir, skip=args.skip_nonfinite,
                                check_before_backward=args.optimizer_in_backward), RandomStateCheckpoint(),
             DataOrderCheckpoint(sampler, args.batch_size), RunSettings(settings),
             GracefulStop(), image_logger, checkpoints, LearningRateMonitor(logging_interval="step"), throughput,
-            TQDMProgressBar(), *cached_encoders, *build_evaluation(args, checkpoint_dir)]
+            TQDMProgressBar(), *cached_encoders, *shard_epochs, *build_evaluation(args, checkpoint_dir)]
 
 
 def build_trainer(args: argparse.Namespace, sampler: ResumableRandomSampler | BucketBatchSampler,
@@ -325,7 +351,7 @@ def train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
     dataset = build_dataset(args)
-    settings = run_settings(args, len(dataset))
+    settings = run_settings(args, dataset.length if isinstance(dataset, ShardStream) else len(dataset))
     check_resumed_settings(args, settings)
     model = build_model(args)
     resolve_batch_size(args, model, dataset)

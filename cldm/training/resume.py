@@ -19,11 +19,12 @@ from ldm.checkpoint import read_checkpoint
 
 def run_settings(args: argparse.Namespace, items: int) -> dict[str, Any]:
     """What a resumed run compares: the flags that shape training, and the data set's identity (its item count and
-    the SHA-256 of its prompt.json or metadata.jsonl)."""
-    prompt_json = Path(index_path(args.data_root)).read_bytes()
+    the SHA-256 of its prompt.json or metadata.jsonl, or of the `--data_shards` list)."""
+    identity = ("\n".join(args.data_shards).encode() if args.data_shards is not None
+                else Path(index_path(args.data_root)).read_bytes())
     return {"batch_size": args.batch_size, "seed": args.seed, "precision": args.precision,
             "learning_rate": args.learning_rate, "sd_locked": args.sd_locked, "resize": args.resize, "crop": args.crop,
-            "buckets": args.buckets, "items": items, "prompt_json_sha256": hashlib.sha256(prompt_json).hexdigest()}
+            "buckets": args.buckets, "items": items, "prompt_json_sha256": hashlib.sha256(identity).hexdigest()}
 
 
 class RunSettings(Callback):

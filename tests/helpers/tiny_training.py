@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -89,3 +91,18 @@ def differing_tensors(got: dict, want: dict) -> list[str]:
     moments = [f"optimizer {key}.{name}" for key, state in want_state["state"].items() for name, value in state.items()
                if not torch.equal(got_state["state"][key][name], value)]
     return weights + moments
+
+
+def recorded_ddp_batches(tmp: Path, *data_flags: str) -> list[dict]:
+    """The batches (rank, prompts, size) that two DDP ranks on the CPU train on in one epoch of the tiny config at
+    batch 2 (tutorial_train_dist.py, without image logs), from the data of `data_flags`."""
+    record = tmp / "batches.jsonl"
+    config = config_with_model(tmp, "recording_controlldm.BatchRecordingControlLDM", record_path=str(record))
+    argv = ["--config", str(config), "--resume_path", str(make_initial_weights(tmp / "init.ckpt")), *data_flags,
+            "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch_size", "2", "--max_epochs", "1",
+            "--log_max_images", "0", "--seed", "1", "--default_root_dir", str(tmp / "run")]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tutorial_train_dist.py"), *argv], cwd=REPO_ROOT,
+                          env={**subprocess_env(), "CONTROLNET_TRUSTED_MODULES": "recording_controlldm"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in record.read_text().splitlines()]

@@ -4,16 +4,13 @@ uninterrupted one; two DDP ranks on the CPU train on disjoint batches of one siz
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from tiny_training import (REPO_ROOT, config_with_model, differing_tensors, make_initial_weights, subprocess_env,
-                           train_in_stops)
+from tiny_training import differing_tensors, make_initial_weights, recorded_ddp_batches, train_in_stops
 
 # At --resolution 128 the buckets are 64x256, 128x128 and 256x64.
 MIXED_SIZES = [(128, 128), (200, 50), (150, 150), (50, 210), (256, 64), (100, 100)]
@@ -60,17 +57,7 @@ def test_a_resumed_run_with_buckets_continues_like_one_run(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_two_ddp_ranks_train_on_disjoint_batches_of_one_size_covering_the_epoch(tmp_path: Path) -> None:
     data = random_data(tmp_path / "data", MIXED_SIZES + [(64, 256), (128, 128)])  # 2 + 1 + 1 batches of 2: 2 per rank
-    record = tmp_path / "batches.jsonl"
-    config = config_with_model(tmp_path, "recording_controlldm.BatchRecordingControlLDM", record_path=str(record))
-    argv = ["--config", str(config), "--resume_path", str(make_initial_weights(tmp_path / "init.ckpt")),
-            "--data_root", str(data), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch_size",
-            "2", "--max_epochs", "1", "--log_max_images", "0", "--seed", "1", "--resolution", "128", "--buckets",
-            "--default_root_dir", str(tmp_path / "run")]
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "tutorial_train_dist.py"), *argv], cwd=REPO_ROOT,
-                          env={**subprocess_env(), "CONTROLNET_TRUSTED_MODULES": "recording_controlldm"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    batches = recorded_ddp_batches(tmp_path, "--data_root", str(data), "--resolution", "128", "--buckets")
     prompts = {rank: [p for batch in batches if batch["rank"] == rank for p in batch["prompts"]] for rank in (0, 1)}
     assert len(batches) == 4 and {batch["rank"] for batch in batches} == {0, 1}
     assert not set(prompts[0]) & set(prompts[1])

@@ -44,7 +44,7 @@ def _args(tmp_path: Path, checkpoint: Path | None, **flags) -> argparse.Namespac
     if not (data / "prompt.json").exists():
         (data / "prompt.json").write_text(json.dumps({"source": "s.png", "target": "t.png", "prompt": "p"}) + "\n")
     settings = dict(batch_size=2, seed=3, precision="32-true", learning_rate=1e-5, sd_locked=True, resize="crop",
-                    crop="center", buckets=False, data_root=str(data))
+                    crop="center", buckets=False, data_root=str(data), data_shards=None)
     return argparse.Namespace(resume_from_checkpoint=None if checkpoint is None else str(checkpoint),
                               **{**settings, **flags})
 
