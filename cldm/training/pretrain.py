@@ -179,8 +179,8 @@ def check_scale_factor(config_path: PathLike, std: float) -> None:
     if not low <= scale_factor * std <= high:
         raise ValueError(f"the trained VAE's latents have a standard deviation of {std:.4g}, and scale_factor "
                          f"{scale_factor:g} of config file '{config_path}' scales it to {scale_factor * std:.3g}, "
-                         f"outside [{low:g}, {high:g}]; set scale_factor: {1.0 / std:.4g} in {config_path} (a new run reuses "
-                         f"the finished VAE)")
+                         f"outside [{low:g}, {high:g}]; set scale_factor: {1.0 / std:.4g} in {config_path} (a run "
+                         f"with the same --work_dir reuses the trained VAE)")
 
 
 # ---------------------------------------------------------------------------------------------
