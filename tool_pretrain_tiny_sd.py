@@ -5,8 +5,8 @@
         --config models/cldm_tiny.yaml
 
 Without --data_root, --count Fill50K pairs of --size px are generated in --work_dir. The run is deterministic for a
---seed; the finished VAE stage is kept in --work_dir (vae.ckpt) and reused, so a run stopped in the UNet stage
-continues from there.
+--seed; the finished VAE stage is kept in --work_dir (vae-<hash>.ckpt) and reused by a later run with the same VAE
+settings, so a run stopped in the UNet stage, or one that tries other UNet settings, starts from there.
 """
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)")
     add("--accelerator", choices=("cpu", "gpu"), default=DEFAULTS.accelerator, help="where to train "
         "(default: %(default)s)")
-    add("--devices", type=flags.integer(1, 1), default=DEFAULTS.devices, help="devices to train on: one, as the stages run in one process "
-        "(default: %(default)s)")
+    add("--devices", type=flags.integer(1, 1), default=DEFAULTS.devices, help="devices to train on: one, as the "
+        "stages run in one process (default: %(default)s)")
     add_debug_argument(parser)
     return parser
 

@@ -10,10 +10,13 @@ From a ControlLDM config, two stages train the base that a ControlNet of that co
 Both stages fit with a Lightning Trainer, the training job's loader, loggers and guards. The result is one
 checkpoint in the Stable Diffusion layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`)
 that `tool_add_control.py --config <the same config>` accepts. Each stage starts from `seed`, so the run is
-deterministic, and a finished VAE stage (`<work_dir>/vae.ckpt`) is reused by a later run.
+deterministic, and a finished VAE stage (`<work_dir>/vae-<hash>.ckpt`) is reused by a later run with the same VAE
+settings.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -49,7 +52,8 @@ RECONSTRUCTION_LOSS = "ldm.modules.losses.ReconstructionKLLoss"
 # Parameters of a ControlLDM that its base LatentDiffusion does not take.
 CONTROL_PARAMS = ("control_stage_config", "control_key", "only_mid_control", "sd_locked")
 BASE_SECTIONS = ("first_stage_config", "unet_config", "cond_stage_config")
-VAE_CHECKPOINT = "vae.ckpt"
+# The finished VAE stage in the work folder, named after what it was trained from and how (`vae_checkpoint`).
+VAE_CHECKPOINT = "vae-{settings}.ckpt"
 # The latent scale is measured over at most this many targets.
 SCALE_ITEMS = 1024
 # The accepted range of scale_factor * std(latents): the UNet is trained on latents of roughly unit variance.
@@ -180,7 +184,7 @@ def check_scale_factor(config_path: PathLike, std: float) -> None:
         raise ValueError(f"the trained VAE's latents have a standard deviation of {std:.4g}, and scale_factor "
                          f"{scale_factor:g} of config file '{config_path}' scales it to {scale_factor * std:.3g}, "
                          f"outside [{low:g}, {high:g}]; set scale_factor: {1.0 / std:.4g} in {config_path} (a run "
-                         f"with the same --work_dir reuses the trained VAE)")
+                         f"with the same --work_dir and VAE flags reuses the trained VAE)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,17 +207,31 @@ def _dataset(root: str, prompt_dropout: float, seed: int) -> MyDataset:
     return dataset
 
 
+def vae_checkpoint(settings: PretrainSettings, dataset: MyDataset) -> Path:
+    """Where the VAE stage of `settings` on `dataset` is kept: its name holds a hash of the VAE's config, the data
+    set's folder and index file, and the stage's settings, so a run that changes any of them trains a new VAE."""
+    params = _model_params(settings.config)
+    stage = {"first_stage_config": OmegaConf.to_container(params.first_stage_config, resolve=True),
+             "first_stage_key": params.get("first_stage_key"),
+             "index_sha256": hashlib.sha256(Path(dataset.index_path).read_bytes()).hexdigest(),
+             "root": str(Path(dataset.root).absolute()), "seed": settings.seed, "steps": settings.vae_steps,
+             "learning_rate": settings.vae_learning_rate, "batch_size": settings.vae_batch_size,
+             "kl_weight": settings.kl_weight}
+    digest = hashlib.sha256(json.dumps(stage, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(settings.work_dir, VAE_CHECKPOINT.format(settings=digest))
+
+
 def _vae_stage(settings: PretrainSettings, root: str, on_gpu: bool) -> pl.LightningModule | None:
-    """The trained VAE: read from the work folder when an earlier run finished it, else trained and saved there;
-    None if training was stopped early."""
+    """The trained VAE: read from the work folder when an earlier run finished the same stage, else trained and
+    saved there; None if training was stopped early."""
     pl.seed_everything(settings.seed, workers=True)
     vae = build_vae(settings.config, settings.kl_weight, settings.vae_learning_rate)
-    path = Path(settings.work_dir, VAE_CHECKPOINT)
+    dataset = _dataset(root, prompt_dropout=0.0, seed=settings.seed)
+    path = vae_checkpoint(settings, dataset)
     if path.is_file():
         vae.load_state_dict(load_state_dict(path))
         rank_zero_info(f"vae: using the finished stage in {path}")
         return vae
-    dataset = _dataset(root, prompt_dropout=0.0, seed=settings.seed)
     loader = _loader(dataset, settings.vae_batch_size, settings.seed, on_gpu)
     if not _train_stage("vae", vae, loader, settings.vae_steps, "train/rec_loss", settings):
         return None
