@@ -1711,6 +1711,13 @@ def _(inputs, tmp, monkeypatch):
                 f"and scale_factor 0.18215 of config file '{TINY}' scales it to ", work_dir="work", check=check)
 
 
+@row("pretrain-loss-nonfinite")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_pretrain_tiny_sd.main, _pretrain(inputs, tmp, "--vae_learning_rate", "1e30", "--vae_steps", "5"),
+                "at step 1, so training stopped; no checkpoint was saved before it: start again after lowering "
+                "--vae_learning_rate", work_dir="work")
+
+
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
     files = {}

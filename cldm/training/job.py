@@ -319,6 +319,16 @@ def check_new_run_folder(args: argparse.Namespace) -> None:
                               f"--resume_from_checkpoint last, or choose another --default_root_dir")
 
 
+def fit_until_stopped(trainer: pl.Trainer, model: pl.LightningModule, dataloader: DataLoader,
+                      ckpt_path: str | None = None) -> None:
+    """`trainer.fit`, which also returns when SIGTERM or Ctrl-C stopped it (then `trainer.interrupted` is true)."""
+    try:
+        trainer.fit(model, train_dataloaders=dataloader, ckpt_path=ckpt_path)
+    except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint
+        if not trainer.interrupted:
+            raise
+
+
 def ignore_frozen_model_warnings() -> None:
     """Silence Lightning's warnings about what is so by design: the frozen VAE and text encoder are in eval mode,
     and FLOPs are not needed for samples/s."""
@@ -343,10 +353,7 @@ def train(args: argparse.Namespace) -> int:
     apply_host_memory_option(args)
     trainer = build_trainer(args, data_order(dataloader), {**settings, "batch_size": args.batch_size})  # `max` resolved
     try:
-        trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
-    except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint
-        if not trainer.interrupted:
-            raise
+        fit_until_stopped(trainer, model, dataloader, ckpt_path=args.resume_from_checkpoint)
     except (OSError, ValueError) as error:
         message = _worker_error_message(error)
         if message is None:

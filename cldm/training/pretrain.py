@@ -40,7 +40,9 @@ from cldm.data.dataset import MyDataset
 from cldm.data.fill50k import generate_fill50k
 from cldm.model import load_config, load_state_dict
 from cldm.training.callbacks import GracefulStop, NonFiniteLossGuard
-from cldm.training.job import build_loggers, check_dataset, ignore_frozen_model_warnings, loader_options
+from cldm.training.job import (
+    build_loggers, check_dataset, fit_until_stopped, ignore_frozen_model_warnings, loader_options,
+)
 from ldm.checkpoint import PathLike
 from ldm.util import instantiate_from_config
 
@@ -138,15 +140,18 @@ def _loader(dataset: MyDataset, batch_size: int, seed: int, on_gpu: bool) -> Dat
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_options(sampler, 0, on_gpu))
 
 
-def _fit(model: pl.LightningModule, loader: DataLoader, steps: int, stage_dir: Path,
+def _fit(name: str, model: pl.LightningModule, loader: DataLoader, steps: int,
          settings: PretrainSettings) -> pl.Trainer:
-    """Fit `model` for `steps` steps with the training job's loggers and guards, logging into `stage_dir`."""
+    """Fit `model` for `steps` steps with the training job's loggers and guards, logging into the stage's folder
+    `<work_dir>/<name>`."""
+    stage_dir = Path(settings.work_dir, name)
+    guard = NonFiniteLossGuard(stage_dir, remedy=f"lowering --{name}_learning_rate")
     trainer = pl.Trainer(
         accelerator=settings.accelerator, devices=settings.devices, max_steps=steps, max_epochs=-1,
         default_root_dir=stage_dir, logger=build_loggers(str(stage_dir)), log_every_n_steps=1,
         enable_checkpointing=False, plugins=[AtomicCheckpointIO()],
-        callbacks=[NonFiniteLossGuard(stage_dir), GracefulStop(), TQDMProgressBar()])
-    trainer.fit(model, train_dataloaders=loader)
+        callbacks=[guard, GracefulStop(), TQDMProgressBar()])
+    fit_until_stopped(trainer, model, loader)
     return trainer
 
 
@@ -154,7 +159,7 @@ def _train_stage(name: str, model: pl.LightningModule, loader: DataLoader, steps
                  settings: PretrainSettings) -> bool:
     """Fit one stage and print its steps, seconds per step and final loss; False if it was stopped early."""
     start = time.perf_counter()
-    trainer = _fit(model, loader, steps, Path(settings.work_dir, name), settings)
+    trainer = _fit(name, model, loader, steps, settings)
     seconds = time.perf_counter() - start
     loss = trainer.callback_metrics.get(f"{loss_key}_step")
     shown = "n/a" if loss is None else f"{float(loss):.4f}"
