@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,6 @@ from cldm.training.job import (
 )
 from ldm.checkpoint import PathLike
 from ldm.util import instantiate_from_config
-
-logger = logging.getLogger(__name__)
 
 LATENT_DIFFUSION = "ldm.models.diffusion.ddpm.LatentDiffusion"
 UNET_MODEL = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
@@ -165,6 +162,8 @@ def _train_stage(name: str, model: pl.LightningModule, loader: DataLoader, steps
     shown = "n/a" if loss is None else f"{float(loss):.4f}"
     rank_zero_info(f"{name}: {trainer.global_step} steps, {seconds / max(1, trainer.global_step):.2f} s/it, "
                    f"final {loss_key} {shown}")
+    if trainer.interrupted:
+        rank_zero_info(f"{name}: stopped early, so no base was written; run again to train this stage anew")
     return not trainer.interrupted
 
 
