@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -40,11 +41,13 @@ import tool_make_fill50k
 import tool_make_random_sd
 import tool_make_shards
 import tool_plot_run
+import tool_pretrain_tiny_sd
 import tool_sample
 import tool_transfer_control
 import tutorial_train
 import tutorial_train_dist
 from ldm import checkpoint as checkpoint_io
+from ldm.util import instantiate_from_config
 from cldm.checkpoints.saving import save_state_dict
 from cldm.data.fill50k import MARKER_NAME as FILL50K_MARKER
 from cldm.data.latent_cache import MOMENTS_NAME
@@ -175,6 +178,7 @@ class Case:
     argv: list
     expected: str
     in_training: bool = False  # fails inside `fit`: the run folder may get logs (never checkpoints)
+    work_dir: str | None = None  # a folder under the test's folder where the tool keeps finished work (may get files)
     check: Callable[[], None] = field(default=lambda: None)
 
 
@@ -1813,6 +1817,61 @@ def _(inputs, tmp, monkeypatch):
                 "--batch_size max tries the step on the first item of a data set folder; with --data_shards pass a "
                 "number")
 
+# tool_pretrain_tiny_sd.py (cldm.training.pretrain) and training a VAE
+# ---------------------------------------------------------------------------------------------
+
+
+def _pretrain(inputs: Inputs, tmp: Path, *extra) -> list:
+    return ["--config", TINY, "--data_root", inputs.data, "--work_dir", tmp / "work", "--out", tmp / "base.ckpt",
+            "--vae_steps", "1", "--vae_batch_size", "2", "--unet_steps", "1", "--unet_batch_size", "2", *extra]
+
+
+def _fit_config_vae(argv: list[str]) -> None:
+    """What a script of the user's does that fits the VAE of the config `argv[0]` with a Lightning Trainer."""
+    vae = instantiate_from_config(OmegaConf.load(argv[0]).model.params.first_stage_config)
+    batches = torch.utils.data.DataLoader([{"image": torch.zeros(64, 64, 3)}])
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=argv[1]).fit(vae, batches)
+
+
+@row("vae-identity-loss-trained")
+def _(inputs, tmp, monkeypatch):
+    return Case(_fit_config_vae, [TINY, tmp],
+                "this AutoencoderKL's lossconfig is torch.nn.Identity, which cannot train it; set lossconfig to "
+                "ldm.modules.losses.ReconstructionKLLoss")
+
+
+@row("pretrain-output-exists")
+def _(inputs, tmp, monkeypatch):
+    (tmp / "base.ckpt").write_bytes(b"the user's base")
+    return Case(tool_pretrain_tiny_sd.main, _pretrain(inputs, tmp),
+                f"--out {tmp}/base.ckpt already exists; choose another name or pass --overwrite")
+
+
+@row("pretrain-config-without-base")
+def _(inputs, tmp, monkeypatch):
+    config = OmegaConf.load(TINY_CONFIG)
+    del config.model.params.first_stage_config
+    OmegaConf.save(config, tmp / "no_vae.yaml")
+    return Case(tool_pretrain_tiny_sd.main, _pretrain(inputs, tmp, "--config", tmp / "no_vae.yaml"),
+                f"config file '{tmp}/no_vae.yaml' has no model.params.first_stage_config, so it describes no Stable "
+                f"Diffusion base to pretrain; pass a ControlLDM config such as ./models/cldm_tiny.yaml")
+
+
+@row("pretrain-scale-factor-off")
+def _(inputs, tmp, monkeypatch):
+    def check() -> None:
+        assert len(list((tmp / "work").glob("vae-*.ckpt"))) == 1 and not (tmp / "base.ckpt").exists()
+    return Case(tool_pretrain_tiny_sd.main, _pretrain(inputs, tmp),
+                f"and scale_factor 0.18215 of config file '{TINY}' scales it to ", work_dir="work", check=check)
+
+
+@row("pretrain-loss-nonfinite")
+def _(inputs, tmp, monkeypatch):
+    return Case(tool_pretrain_tiny_sd.main, _pretrain(inputs, tmp, "--vae_learning_rate", "1e30", "--vae_steps", "5"),
+                "at step 1, so training stopped; no checkpoint was saved before it: start again after lowering "
+                "--vae_learning_rate", work_dir="work")
+
 
 def _snapshot(*folders: Path) -> dict[Path, tuple[int, int, int]]:
     """(inode, size, mtime) of every file: a file rewritten or replaced in place changes one of them."""
@@ -1839,7 +1898,8 @@ def test_bad_input(row_id: str, inputs: Inputs, tmp_path: Path, monkeypatch: pyt
     after = _snapshot(inputs.root, tmp_path)
     changed = [path for path, info in before.items() if after.get(path) != info]
     new = [path for path in after if path not in before
-           and not (case.in_training and (tmp_path / "run" / "lightning_logs") in path.parents)]
+           and not (case.in_training and (tmp_path / "run" / "lightning_logs") in path.parents)
+           and not (case.work_dir is not None and (tmp_path / case.work_dir) in path.parents)]
     assert not changed and not new, (changed, new)
     case.check()
 

@@ -6,7 +6,7 @@ Each example starts from a valid command line on tiny inputs and replaces one to
 positionals) with generated values: integers of any size and sign, floats with nan, inf and -0.0, the flag's
 choices and default, and text (empty, unicode, NUL). The script runs through `cldm.cli.run` as on the command line,
 with the first heavy function after its checks replaced by one that raises `ChecksPassed`, so no model is built.
-The examples are derandomized (the same on every run): 150 per script, 1800 in all, about 20 s on two slow cores.
+The examples are derandomized (the same on every run): 150 per script, 1950 in all, about 20 s on two slow cores.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import tool_make_fill50k
 import tool_make_random_sd
 import tool_make_shards
 import tool_plot_run
+import tool_pretrain_tiny_sd
 import tool_sample
 import tool_transfer_control
 import tutorial_dataset_test
@@ -108,6 +109,10 @@ SCRIPTS = {
     "tool_make_random_sd": Script(
         tool_make_random_sd.main, tool_make_random_sd.build_parser, ["{out}.ckpt"], {"--config": "{tiny}"},
         "cldm.checkpoints.random_weights:random_base_state_dict"),
+    "tool_pretrain_tiny_sd": Script(
+        tool_pretrain_tiny_sd.main, tool_pretrain_tiny_sd.build_parser, [],
+        {"--config": "{tiny}", "--data_root": "{fill}", "--work_dir": "{out}", "--out": "{out}.ckpt"},
+        "cldm.training.pretrain:_pretrain_stages"),
     "tool_make_shards": Script(
         tool_make_shards.main, tool_make_shards.build_parser, [],
         {"--data_root": "{fill}", "--out": "{out}", "--shard_size": "1"}, "cldm.data.shards:atomic_path"),

@@ -69,6 +69,10 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+# What NonFiniteLossGuard's message advises the training job's user.
+TRAINING_REMEDY = "lowering --learning_rate or using --precision 32, or pass --skip_nonfinite to skip such steps"
+
+
 class NonFiniteLossGuard(Callback):
     """Stops training (or skips the step) when the loss or the gradients are NaN or infinite, before the optimizer
     step, so the weights and the checkpoints on disk stay finite. All ranks take the same decision.
@@ -81,11 +85,14 @@ class NonFiniteLossGuard(Callback):
         skip: skip such steps (the optimizer leaves every parameter and its state unchanged) instead of stopping.
         check_before_backward: check the loss before backward too, for an optimizer that updates the parameters
             during backward (`AdamWInBackward`), when the check before the step would come too late.
+        remedy: what the message advises doing before training again (the training job's flags by default).
     """
 
-    def __init__(self, checkpoint_dir: str | Path, skip: bool = False, check_before_backward: bool = False):
+    def __init__(self, checkpoint_dir: str | Path, skip: bool = False, check_before_backward: bool = False,
+                 remedy: str = TRAINING_REMEDY):
         super().__init__()
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.remedy = remedy
         self.skip = skip
         self.check_before_backward = check_before_backward
         self.skipped = 0
@@ -95,8 +102,7 @@ class NonFiniteLossGuard(Callback):
         last = newest_checkpoint(self.checkpoint_dir)
         resume = (f"the last good checkpoint is {last}: resume from it with --resume_from_checkpoint last"
                   if last is not None else "no checkpoint was saved before it: start again")
-        return (f"{problem} at step {step}, so training stopped; {resume} after lowering --learning_rate or using "
-                f"--precision 32, or pass --skip_nonfinite to skip such steps")
+        return f"{problem} at step {step}, so training stopped; {resume} after {self.remedy}"
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if not self.check_before_backward:

@@ -210,6 +210,15 @@ def resolve_batch_size(args: argparse.Namespace, model: pl.LightningModule, data
     rank_zero_info(f"--batch_size max: training with batch {args.batch_size}, the largest that fits")
 
 
+def loader_options(sampler: ResumableRandomSampler, workers: int, on_gpu: bool) -> dict[str, Any]:
+    """The `DataLoader` arguments, besides the data set and how it is batched, of a loader in `sampler`'s order."""
+    # Each new iterator draws its workers' base seed from `generator`; from the global random stream it would take
+    # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
+    generator = torch.Generator().manual_seed(sampler.seed)
+    return dict(generator=generator, num_workers=workers, collate_fn=collate_same_size, pin_memory=on_gpu,
+                persistent_workers=workers > 0)
+
+
 def build_dataloader(args: argparse.Namespace, dataset: MyDataset | ShardStream, on_gpu: bool) -> DataLoader:
     """Batches of `dataset`, shuffled per epoch by a `ResumableRandomSampler`; Lightning shards it per rank. With
     `--buckets`, a `BucketBatchSampler` makes batches of one size each from the same order, and shards them itself.
@@ -223,11 +232,7 @@ def build_dataloader(args: argparse.Namespace, dataset: MyDataset | ShardStream,
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} samples in "
                          f"{args.data_root}; use a smaller batch size")
     sampler = ResumableRandomSampler(len(dataset), args.seed)
-    # Each new iterator draws its workers' base seed from `generator`; from the global random stream it would take
-    # one more draw in a run resumed mid-epoch than in an uninterrupted one, and change all the noise after it.
-    generator = torch.Generator().manual_seed(sampler.seed)
-    common = dict(generator=generator, num_workers=workers, collate_fn=collate_same_size, pin_memory=on_gpu,
-                  persistent_workers=workers > 0)
+    common = loader_options(sampler, workers, on_gpu)
     if args.buckets:
         batches = BucketBatchSampler(sampler, dataset.out_sizes, args.batch_size)
         return DataLoader(dataset, batch_sampler=batches, **common)
@@ -340,11 +345,26 @@ def check_new_run_folder(args: argparse.Namespace) -> None:
                               f"--resume_from_checkpoint last, or choose another --default_root_dir")
 
 
-def train(args: argparse.Namespace) -> int:
-    """Build and fit from the checked arguments; prints where the image logs and checkpoints are."""
-    # The frozen VAE and text encoder are in eval mode by design; FLOPs are not needed for samples/s.
+def fit_until_stopped(trainer: pl.Trainer, model: pl.LightningModule, dataloader: DataLoader,
+                      ckpt_path: str | None = None) -> None:
+    """`trainer.fit`, which also returns when SIGTERM or Ctrl-C stopped it (then `trainer.interrupted` is true)."""
+    try:
+        trainer.fit(model, train_dataloaders=dataloader, ckpt_path=ckpt_path)
+    except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint
+        if not trainer.interrupted:
+            raise
+
+
+def ignore_frozen_model_warnings() -> None:
+    """Silence Lightning's warnings about what is so by design: the frozen VAE and text encoder are in eval mode,
+    and FLOPs are not needed for samples/s."""
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*flops_per_batch.*")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Build and fit from the checked arguments; prints where the image logs and checkpoints are."""
+    ignore_frozen_model_warnings()
     # DataOrderCheckpoint resumes the data order mid-epoch, which Lightning cannot see in the DataLoader.
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     torch.set_float32_matmul_precision(args.float32_matmul_precision)
@@ -359,10 +379,7 @@ def train(args: argparse.Namespace) -> int:
     apply_host_memory_option(args)
     trainer = build_trainer(args, data_order(dataloader), {**settings, "batch_size": args.batch_size})  # `max` resolved
     try:
-        trainer.fit(model, train_dataloaders=dataloader, ckpt_path=args.resume_from_checkpoint)
-    except SystemExit:  # how Lightning ends a fit stopped by SIGTERM or Ctrl-C, after saving a checkpoint
-        if not trainer.interrupted:
-            raise
+        fit_until_stopped(trainer, model, dataloader, ckpt_path=args.resume_from_checkpoint)
     except (OSError, ValueError) as error:
         message = _worker_error_message(error)
         if message is None:

@@ -1,4 +1,5 @@
-"""The first-stage model: a KL-regularised autoencoder between images and latents (frozen in ControlNet)."""
+"""The first-stage model: a KL-regularised autoencoder between images and latents (frozen in ControlNet, trained
+from scratch for the tiny demo base)."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,9 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from einops import rearrange
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
@@ -16,11 +19,14 @@ from ldm.util import instantiate_from_config
 logger = logging.getLogger(__name__)
 
 
-class AutoencoderKL(nn.Module):
-    """The SD VAE for inference: `encode` images to a Gaussian posterior over latents, `decode` latents to images.
+class AutoencoderKL(pl.LightningModule):
+    """The SD VAE: `encode` images to a Gaussian posterior over latents, `decode` latents to images.
 
-    ControlNet never trains the VAE, so the original's training loop, loss and logging are left out; `lossconfig`
-    is still instantiated (as `self.loss`, `torch.nn.Identity` in every ControlNet config) so yaml files keep working.
+    ControlNet never trains the VAE; the tiny demo base trains one from scratch (`cldm.training.pretrain`) with a
+    Lightning Trainer: `training_step` reconstructs `batch[image_key]` and takes the loss of `lossconfig` (`self.loss`,
+    e.g. `ldm.modules.losses.ReconstructionKLLoss`; every ControlNet config names `torch.nn.Identity`, which cannot
+    train), and `configure_optimizers` is the original's Adam at `self.learning_rate`. The original's discriminator
+    step, EMA and image logs are left out.
 
     Args:
         ddconfig: encoder/decoder arguments shared by both (`double_z` must be true).
@@ -31,6 +37,7 @@ class AutoencoderKL(nn.Module):
         image_key, monitor: kept as attributes for configs and callers that read them.
         colorize_nlabels, ema_decay: training-only options of the original; only None is accepted.
         learn_logvar: training-only flag of the original; accepted and unused.
+        learning_rate: Adam's learning rate when trained (the original's main.py sets it as an attribute).
     """
 
     def __init__(
@@ -45,6 +52,7 @@ class AutoencoderKL(nn.Module):
         monitor: str | None = None,
         ema_decay: float | None = None,
         learn_logvar: bool = False,
+        learning_rate: float = 4.5e-6,
     ):
         super().__init__()
         if not ddconfig.get("double_z", True):
@@ -58,6 +66,7 @@ class AutoencoderKL(nn.Module):
         self.monitor = monitor
         self.learn_logvar = learn_logvar
         self.embed_dim = embed_dim
+        self.learning_rate = learning_rate
 
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
@@ -98,6 +107,30 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample() if sample_posterior else posterior.mode()  # (B, embed_dim, H/f, W/f)
         # 3. decode
         return self.decode(z), posterior
+
+    # -- training ------------------------------------------------------------------------------
+
+    def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
+        """`batch[k]` (B, H, W, C) in [-1, 1] as a contiguous float (B, C, H, W) tensor."""
+        x = batch[k]
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        if isinstance(self.loss, nn.Identity):
+            raise ValueError("this AutoencoderKL's lossconfig is torch.nn.Identity, which cannot train it; set "
+                             "lossconfig to ldm.modules.losses.ReconstructionKLLoss")
+        inputs = self.get_input(batch, self.image_key)
+        reconstructions, posterior = self(inputs)
+        loss, log_dict = self.loss(inputs, reconstructions, posterior, split="train")
+        self.log_dict(log_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=len(inputs))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        parameters = [*self.encoder.parameters(), *self.decoder.parameters(), *self.quant_conv.parameters(),
+                      *self.post_quant_conv.parameters()]
+        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=(0.5, 0.9))
 
 
 class IdentityFirstStage(nn.Module):

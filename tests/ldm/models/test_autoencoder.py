@@ -153,3 +153,36 @@ def test_tiny_vae_matches_original(fixtures_dir: Path) -> None:
     assert _relative_error(posterior.logvar, reference["posterior_logvar"]) < PARITY_TOLERANCE
     assert _relative_error(decoded, reference["decode"]) < PARITY_TOLERANCE
     assert _relative_error(encoding, reference["encoding_seeded"]) < PARITY_TOLERANCE
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def test_training_step_lowers_the_reconstruction_loss_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, resolution=16, ch_mult=[1, 2]), embed_dim=4, image_key="jpg",
+                        lossconfig={"target": "ldm.modules.losses.ReconstructionKLLoss"}, learning_rate=1e-3)
+    batch = {"jpg": torch.rand(2, 16, 16, 3) * 2 - 1}  # NHWC in [-1, 1], as the data set yields
+    optimizer = vae.configure_optimizers()
+    losses = []
+    for _ in range(30):
+        loss = vae.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_configure_optimizers_is_the_originals_adam() -> None:
+    vae = _tiny_vae()
+    optimizer = vae.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["betas"] == (0.5, 0.9)
+    assert optimizer.defaults["lr"] == vae.learning_rate
+    optimized = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    assert optimized == {id(param) for param in vae.parameters()}
+
+
+def test_identity_loss_cannot_train() -> None:
+    with pytest.raises(ValueError, match="lossconfig is torch.nn.Identity, which cannot train it"):
+        _tiny_vae().training_step({"image": torch.zeros(1, 64, 64, 3)}, 0)

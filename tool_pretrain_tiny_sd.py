@@ -1,0 +1,77 @@
+"""Pretrain a tiny Stable Diffusion base from scratch on Fill50K targets: the VAE, then the text-conditioned UNet.
+
+    python tool_pretrain_tiny_sd.py --config models/cldm_tiny.yaml --out ./models/tiny_sd_pretrained.ckpt
+    python tool_add_control.py ./models/tiny_sd_pretrained.ckpt ./models/control_tiny_ini.ckpt \\
+        --config models/cldm_tiny.yaml
+
+Without --data_root, --count Fill50K pairs of --size px are generated in --work_dir. The run is deterministic for a
+--seed; the finished VAE stage is kept in --work_dir (vae-<hash>.ckpt) and reused by a later run with the same VAE
+settings, so a run stopped in the UNet stage, or one that tries other UNet settings, starts from there.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cldm import flags
+from cldm.cli import add_debug_argument, run
+from cldm.training.pretrain import PretrainSettings, pretrain, settings_from
+
+DEFAULTS = PretrainSettings(config="./models/cldm_tiny.yaml", out="./models/tiny_sd_pretrained.ckpt",
+                            work_dir="./pretrain_work")
+
+
+def _add_stage_flags(add: Callable[..., Any], stage: str, model: str, optimizer: str) -> None:
+    """--<stage>_steps, --<stage>_learning_rate and --<stage>_batch_size of the stage that trains `model`."""
+    add(f"--{stage}_steps", type=flags.positive_int, default=getattr(DEFAULTS, f"{stage}_steps"),
+        help=f"{model} training steps (default: %(default)s)")
+    add(f"--{stage}_learning_rate", type=flags.positive_finite_float,
+        default=getattr(DEFAULTS, f"{stage}_learning_rate"), help=f"{model} {optimizer} learning rate "
+        "(default: %(default)s)")
+    add(f"--{stage}_batch_size", type=flags.positive_int, default=getattr(DEFAULTS, f"{stage}_batch_size"),
+        help=f"{model} batch size (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command line of the tool."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--config", type=flags.path, default=DEFAULTS.config, help="ControlLDM config whose base is trained "
+        "(default: %(default)s)")
+    add("--out", type=flags.path, default=DEFAULTS.out, help="base checkpoint to write, .ckpt or .safetensors "
+        "(default: %(default)s)")
+    add("--overwrite", action="store_true", help="replace an existing --out")
+    add("--work_dir", type=flags.path, default=DEFAULTS.work_dir, help="logs, generated data and the finished VAE "
+        "stage (default: %(default)s)")
+    add("--data_root", type=flags.path, default=None, help="a Fill50K-layout data set to train on (default: "
+        "generate one in --work_dir)")
+    add("--count", type=flags.positive_int, default=DEFAULTS.count, help="pairs to generate without --data_root "
+        "(default: %(default)s)")
+    add("--size", type=flags.integer(8, 4096), default=DEFAULTS.size, help="side in px of the generated pairs "
+        "(default: %(default)s)")
+    _add_stage_flags(add, "vae", "VAE", "Adam")
+    add("--kl_weight", type=flags.non_negative_finite_float, default=DEFAULTS.kl_weight,
+        help="weight of the VAE's KL term (default: %(default)s)")
+    _add_stage_flags(add, "unet", "UNet", "AdamW")
+    add("--prompt_dropout", type=flags.probability, default=DEFAULTS.prompt_dropout, help="probability of an "
+        "empty prompt in the UNet stage, which gives the base an unconditional mode for guidance "
+        "(default: %(default)s)")
+    add("--seed", type=flags.seed, default=DEFAULTS.seed, help="seed of the data, weights and noise "
+        "(default: %(default)s)")
+    add("--accelerator", choices=("cpu", "gpu"), default=DEFAULTS.accelerator, help="where to train "
+        "(default: %(default)s)")
+    add("--devices", type=flags.integer(1, 1), default=DEFAULTS.devices, help="devices to train on: one, as the "
+        "stages run in one process (default: %(default)s)")
+    add_debug_argument(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Pretrain the base and write its checkpoint."""
+    return pretrain(settings_from(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
