@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_flags(add, "vae", "VAE", "Adam")
     add("--kl_weight", type=flags.non_negative_finite_float, default=DEFAULTS.kl_weight,
         help="weight of the VAE's KL term (default: %(default)s)")
+    add("--vae_initial_logvar", type=flags.real(-30.0, 20.0), default=DEFAULTS.vae_initial_logvar,
+        help="the VAE posterior's log-variance at the start, narrow so that the decoder sees the encoder's means "
+        "from the first step (default: %(default)s)")
     _add_stage_flags(add, "unet", "UNet", "AdamW")
     add("--prompt_dropout", type=flags.probability, default=DEFAULTS.prompt_dropout, help="probability of an "
         "empty prompt in the UNet stage, which gives the base an unconditional mode for guidance "

@@ -73,6 +73,7 @@ class PretrainSettings:
     vae_learning_rate: float = 1e-3
     vae_batch_size: int = 16
     kl_weight: float = 1e-6
+    vae_initial_logvar: float = -8.0
     unet_steps: int = 4000
     unet_learning_rate: float = 1e-3
     unet_batch_size: int = 16
@@ -107,13 +108,22 @@ def base_model_config(config_path: PathLike) -> DictConfig:
     return OmegaConf.create({"target": LATENT_DIFFUSION, "params": base})
 
 
-def build_vae(config_path: PathLike, kl_weight: float, learning_rate: float) -> pl.LightningModule:
+def build_vae(config_path: PathLike, kl_weight: float, learning_rate: float,
+              initial_logvar: float = 0.0) -> pl.LightningModule:
     """The `AutoencoderKL` of the config's `first_stage_config`, trained by a `ReconstructionKLLoss` on the
-    images under the config's `first_stage_key`."""
+    images under the config's `first_stage_key`.
+
+    The posterior's log-variance starts at `initial_logvar` everywhere (the bias of the log-variance half of
+    `quant_conv`): a fresh encoder's means are small, and unit-variance posterior samples would bury them in noise
+    until the encoder learnt to narrow them; started narrow, the decoder sees the means from the first step, and the
+    KL term widens the posterior where the decoder does not need the precision."""
     params = _model_params(config_path)
     loss = {"target": RECONSTRUCTION_LOSS, "params": {"kl_weight": kl_weight}}
-    return instantiate_from_config(params.first_stage_config, lossconfig=loss, learning_rate=learning_rate,
-                                   image_key=params.get("first_stage_key", "jpg"))
+    vae = instantiate_from_config(params.first_stage_config, lossconfig=loss, learning_rate=learning_rate,
+                                  image_key=params.get("first_stage_key", "jpg"))
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.embed_dim:] = initial_logvar
+    return vae
 
 
 def build_base(config_path: PathLike, vae: torch.nn.Module, seed: int, learning_rate: float) -> pl.LightningModule:
@@ -220,7 +230,7 @@ def vae_checkpoint(settings: PretrainSettings, dataset: MyDataset) -> Path:
              "index_sha256": hashlib.sha256(Path(dataset.index_path).read_bytes()).hexdigest(),
              "root": str(Path(dataset.root).absolute()), "seed": settings.seed, "steps": settings.vae_steps,
              "learning_rate": settings.vae_learning_rate, "batch_size": settings.vae_batch_size,
-             "kl_weight": settings.kl_weight}
+             "kl_weight": settings.kl_weight, "initial_logvar": settings.vae_initial_logvar}
     digest = hashlib.sha256(json.dumps(stage, sort_keys=True).encode()).hexdigest()[:12]
     return Path(settings.work_dir, VAE_CHECKPOINT.format(settings=digest))
 
@@ -229,7 +239,7 @@ def _vae_stage(settings: PretrainSettings, root: str, on_gpu: bool) -> pl.Lightn
     """The trained VAE: read from the work folder when an earlier run finished the same stage, else trained and
     saved there; None if training was stopped early."""
     pl.seed_everything(settings.seed, workers=True)
-    vae = build_vae(settings.config, settings.kl_weight, settings.vae_learning_rate)
+    vae = build_vae(settings.config, settings.kl_weight, settings.vae_learning_rate, settings.vae_initial_logvar)
     dataset = _dataset(root, prompt_dropout=0.0, seed=settings.seed)
     path = vae_checkpoint(settings, dataset)
     if path.is_file():

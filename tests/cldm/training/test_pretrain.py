@@ -13,7 +13,7 @@ import tool_add_control
 import tool_pretrain_tiny_sd
 from cldm.checkpoints.kinds import CONTROL_PREFIX
 from cldm.model import create_model
-from cldm.training.pretrain import base_model_config
+from cldm.training.pretrain import base_model_config, build_vae
 from ldm.checkpoint import read_state_dict
 from ldm.util import instantiate_from_config
 from tests.helpers.paths import TINY_CONFIG
@@ -67,3 +67,12 @@ def test_pretrain_end_to_end(config: Path, tmp_path: Path, caplog) -> None:
     assert tool_add_control.main([str(first), str(initial), "--config", str(config)]) == 0
     model = create_model(config)
     model.load_state_dict(read_state_dict(initial), strict=True)
+
+
+def test_the_vae_posterior_starts_at_the_initial_log_variance() -> None:
+    torch.manual_seed(0)
+    vae = build_vae(TINY_CONFIG, kl_weight=1e-6, learning_rate=1e-3, initial_logvar=-8.0)
+    posterior = vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+    # The fresh encoder's output moves the log-variance only a little from the bias it starts at.
+    assert abs(float(posterior.logvar.mean()) + 8.0) < 1.0
+    assert float(posterior.std.max()) < 0.05
