@@ -1831,6 +1831,22 @@ def _(inputs, tmp, monkeypatch):
                 "with tool_make_shards.py or leave them out of --data_shards", in_training=True,
                 check=_no_checkpoints(tmp / "run" / "checkpoints"))
 
+
+@row("train-shards-command-fails")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, "pipe:false"),
+                "Shard pipe:false could not be read: the command that streams it exited with status 1; run it in a "
+                "shell to see why, or check the URL.")
+
+
+@row("train-shards-empty-shard")
+def _(inputs, tmp, monkeypatch):
+    folder = _shard_folder(inputs, tmp)
+    tarfile.open(tmp / "empty.tar", "w").close()
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, [folder / "shard-000000.tar", tmp / "empty.tar"]),
+                f"Shard {tmp}/empty.tar holds no items; leave it out of --data_shards or remake the shards with "
+                f"tool_make_shards.py.")
+
 # tool_pretrain_tiny_sd.py (cldm.training.pretrain) and training a VAE
 # ---------------------------------------------------------------------------------------------
 

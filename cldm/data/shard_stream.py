@@ -22,13 +22,16 @@ epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
 import random
+import re
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import pytorch_lightning as pl
@@ -76,7 +79,16 @@ def shard_list(specs: Sequence[str]) -> tuple[list[str], list[int]]:
         if folder not in beside:
             beside[folder] = _manifest_shards(folder) if os.path.isfile(os.path.join(folder, MANIFEST_NAME)) else {}
     counts = [count if count is not None else beside.get(os.path.dirname(url), {}).get(url) for url, count in listed]
-    return urls, [_count_items(url) if count is None else count for url, count in zip(urls, counts)]
+    counts = [_count_items(url) if count is None else count for url, count in zip(urls, counts)]
+    if 0 in counts:
+        raise empty_shard(urls[counts.index(0)])
+    return urls, counts
+
+
+def empty_shard(url: str) -> ValueError:
+    """The error of a shard that holds no items."""
+    return ValueError(f"Shard {url} holds no items; leave it out of --data_shards or remake the shards with "
+                      f"tool_make_shards.py.")
 
 
 def _check_shards(urls: Sequence[str]) -> None:
@@ -127,8 +139,23 @@ def _manifest(folder: str, flag: str) -> dict:
 
 def _count_items(url: str) -> int:
     """The items of the shard `url`, read once."""
-    with wds.gopen(url) as stream:
+    with open_shard(url) as stream:
         return sum(1 for _ in shard_items(stream, url))
+
+
+@contextlib.contextmanager
+def open_shard(url: str) -> Iterator[BinaryIO]:
+    """`wds.gopen(url)`, where a `pipe:` command or a download that fails (webdataset's OSError with the command's
+    exit status) is a ValueError naming the shard."""
+    try:
+        with wds.gopen(url) as stream:
+            yield stream
+    except OSError as error:
+        status = re.search(r": exit (-?\d+) \(read\)", str(error))
+        if status is None:
+            raise
+        raise ValueError(f"Shard {url} could not be read: the command that streams it exited with status "
+                         f"{status.group(1)}; run it in a shell to see why, or check the URL.") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +266,7 @@ class ShardStream(IterableDataset):
         for index in shards:
             url = self.urls[index]
             try:
-                with wds.gopen(url) as stream:
+                with open_shard(url) as stream:
                     for key, members in shard_items(stream, url):
                         yield url, key, members
             except ValueError as error:
