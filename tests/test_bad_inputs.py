@@ -1827,8 +1827,8 @@ def _(inputs, tmp, monkeypatch):
                         "--seed", "1")
     return Case(tutorial_train.main, argv,
                 "--skip_bad_samples skipped every item of the shards that rank 0 (DataLoader worker 1) reads, which "
-                "leaves it 2 items short of its 2 for the epoch while the other ranks wait; remake the damaged shards "
-                "with tool_make_shards.py or leave them out of --data_shards", in_training=True,
+                "leaves it 2 items short of its 2 for the epoch, and every rank must serve the same batches; remake "
+                "the damaged shards with tool_make_shards.py or leave them out of --data_shards", in_training=True,
                 check=_no_checkpoints(tmp / "run" / "checkpoints"))
 
 

@@ -233,7 +233,8 @@ class ShardStream(IterableDataset):
     def _served(self, samples: Iterator[dict[str, np.ndarray | str]], share: int, rank: int,
                 worker: int) -> Iterator[dict[str, np.ndarray | str]]:
         """`samples`, then a ValueError if they were fewer than the reader's `share`: a rank that ended its epoch
-        early would leave the other ranks of DDP waiting for it."""
+        early would leave the other ranks of DDP waiting for it (a rank that stops with the error makes them stop too,
+        as with any rank's error)."""
         served = 0
         for sample in samples:
             served += 1
@@ -241,8 +242,8 @@ class ShardStream(IterableDataset):
         if served < share:
             raise ValueError(f"--skip_bad_samples skipped every item of the shards that rank {rank} (DataLoader "
                              f"worker {worker}) reads, which leaves it {share - served} items short of its {share} "
-                             f"for the epoch while the other ranks wait; remake the damaged shards with "
-                             f"tool_make_shards.py or leave them out of --data_shards")
+                             f"for the epoch, and every rank must serve the same batches; remake the damaged shards "
+                             f"with tool_make_shards.py or leave them out of --data_shards")
 
     def _rounds(self, shards: list[int], items_done: int, reader: list[int]) -> Iterator[dict[str, np.ndarray | str]]:
         """The decoded items of `shards`, round after round, each round through its own shuffle buffer (seeded by the

@@ -148,6 +148,6 @@ def test_a_reader_whose_items_are_all_skipped_stops_with_an_error(data: Path, tm
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as error:
         list(stream)
     assert str(error.value) == ("--skip_bad_samples skipped every item of the shards that rank 0 (DataLoader worker 0) "
-                                "reads, which leaves it 8 items short of its 8 for the epoch while the other ranks "
-                                "wait; remake the damaged shards with tool_make_shards.py or leave them out of "
-                                "--data_shards")
+                                "reads, which leaves it 8 items short of its 8 for the epoch, and every rank must "
+                                "serve the same batches; remake the damaged shards with tool_make_shards.py or leave "
+                                "them out of --data_shards")
