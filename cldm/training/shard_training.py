@@ -43,8 +43,8 @@ def check_shard_args(args: argparse.Namespace) -> None:
 
 
 def build_shard_stream(args: argparse.Namespace) -> ShardStream:
-    """The stream of `--data_shards` for `--batch_size` on every device of every node; its first item is decoded
-    now, so that a damaged first shard fails before any heavy work."""
+    """The stream of `--data_shards` for `--batch_size` on every device of every node, its shards listed and
+    counted now (`shard_list`), so that a missing or empty shard fails before any heavy work."""
     urls, counts = shard_list(args.data_shards)
     world_size = args.devices * args.num_nodes
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -63,7 +63,8 @@ def build_shard_stream(args: argparse.Namespace) -> ShardStream:
 
 
 def first_item_size(stream: ShardStream) -> tuple[int, int]:
-    """(width, height) of the first item of the first shard, decoded as training decodes it."""
+    """(width, height) of the first item of the first shard, decoded as training decodes it (so that a damaged
+    first shard fails before any heavy work)."""
     url = stream.urls[0]
     with open_shard(url) as file:
         item = next(shard_items(file, url), None)
