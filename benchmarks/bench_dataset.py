@@ -10,31 +10,43 @@ and, with workers, inter-process transfer; on a machine with fewer free cores th
 the loader. "workers for N samples/s" is ceil(N / one worker's rate) for the GPU training rates
 measured in the README (H200: 23.0 samples/s at batch 4 in bf16, 87.2 samples/s with the latent cache at batch 32).
 
+`--bucket-histogram` instead prints how `--buckets` groups a mixed-size image-folder data set (`MIXED_SIZES`: 4:3,
+3:4, 16:9, 9:16, 1:1, 4:1 and odd sizes) at `--resolution`: the training job's `use_buckets` on that folder.
+
 Run from the repository root:
 
     python -m benchmarks.bench_dataset                                   # 256 pairs at 512 px
     python -m benchmarks.bench_dataset --pairs 16 --size 64 --loader-workers 0   # tiny, for CI
+    python -m benchmarks.bench_dataset --bucket-histogram --resolution 512
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 from torch.utils.data import DataLoader
 
+from cldm.data.buckets import bucket_histogram, bucket_sizes
 from cldm.data.dataset import MyDataset
 from cldm.data.fill50k import generate_fill50k
 from cldm.data.images import read_color
 from cldm.data.layouts import IMAGE_KEYS
 from cldm.data.shard_stream import ShardStream, shard_list
 from cldm.data.shards import make_shards, shard_items
+from cldm.training.job import use_buckets
 
 # GPU training rates measured on one H200 (README, Performance): tutorial_train.py in bf16 at batch 4, and with
 # the latent cache and the optimizer in backward at batch 32.
 GPU_SAMPLES_PER_S = (23.0, 87.2)
+# (width, height): items of the mixed-size data set of --bucket-histogram.
+MIXED_SIZES = {(640, 480): 5, (480, 640): 4, (1280, 720): 3, (720, 1280): 2, (512, 512): 6, (1000, 1000): 2,
+               (500, 333): 2, (333, 500): 2, (777, 555): 2, (1024, 256): 1, (300, 700): 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to time")
     parser.add_argument("--batch-size", type=int, default=4, help="DataLoader batch size")
     parser.add_argument("--shard-size", type=int, default=64, help="items per shard of the shard rows")
+    parser.add_argument("--bucket-histogram", action="store_true",
+                        help="print the --buckets histogram of a mixed-size data set at --resolution instead")
     parser.add_argument("--gpu-samples-per-s", type=float, nargs="+", default=list(GPU_SAMPLES_PER_S),
                         help="GPU training rates to translate into DataLoader workers")
     return parser
@@ -103,15 +117,44 @@ def time_shards(urls: list[str], stream: ShardStream) -> tuple[float, float]:
     return read_rate, count / (time.perf_counter() - started)
 
 
+def write_mixed_sizes(folder: Path, sizes: dict[tuple[int, int], int]) -> Path:
+    """An image-folder data set (metadata.jsonl) of flat-coloured pairs: `sizes[(width, height)]` items of each
+    size."""
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for width, height in (size for size, count in sizes.items() for _ in range(count)):
+        name = f"images/{len(rows):04d}_{width}x{height}"
+        image = np.full((height, width, 3), len(rows) * 9 % 256, np.uint8)
+        for suffix in ("", "_hint"):
+            cv2.imwrite(str(folder / f"{name}{suffix}.png"), image)
+        rows.append({"image": f"{name}.png", "conditioning_image": f"{name}_hint.png", "text": name})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return folder
+
+
+def bucket_histogram_line(resolution: int) -> str:
+    """How `--buckets` at `resolution` groups the `MIXED_SIZES` data set, as the training job logs it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        dataset = MyDataset(root=str(write_mixed_sizes(Path(scratch), MIXED_SIZES)), resolution=resolution)
+        use_buckets(dataset, resolution)
+    buckets = bucket_sizes(resolution)
+    return (f"{len(dataset)} items of {len(MIXED_SIZES)} sizes, --resolution {resolution}: "
+            f"{bucket_histogram([buckets.index(size) for size in dataset.out_sizes], buckets)}")
+
+
 def markdown_table(header: tuple[str, str], rows: list[tuple[str, str]]) -> list[str]:
     """The rows as a Markdown table, ready to paste into benchmarks/results.md."""
     return [f"| {header[0]} | {header[1]} |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Generate a temporary Fill50K folder, time the generator, one worker and the DataLoader, print a table."""
+    """Generate a temporary Fill50K folder, time the generator, one worker and the DataLoader, print a table (or,
+    with --bucket-histogram, the bucket histogram of a mixed-size folder)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.bucket_histogram:
+        print(bucket_histogram_line(args.resolution or args.size))
+        return
     if args.pairs <= args.batch_size:
         parser.error(f"--pairs must exceed --batch-size {args.batch_size} so that batches after the first are timed.")
     resolution = args.resolution or args.size

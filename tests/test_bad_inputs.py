@@ -1817,6 +1817,36 @@ def _(inputs, tmp, monkeypatch):
                 "--batch_size max tries the step on the first item of a data set folder; with --data_shards pass a "
                 "number")
 
+
+@row("train-shards-all-items-skipped")
+def _(inputs, tmp, monkeypatch):
+    folder = _shard_folder(inputs, tmp)
+    _rewrite_shard(folder / "shard-000001.tar", lambda name, data: (name, b"not a png") if name.endswith(".hint.png")
+                   else (name, data))
+    argv = _train_shards(inputs, tmp, folder, "--skip_bad_samples", "--num_workers", "2", "--max_steps", "2",
+                        "--seed", "1")
+    return Case(tutorial_train.main, argv,
+                "--skip_bad_samples skipped every item of the shards that rank 0 (DataLoader worker 1) reads, which "
+                "leaves it 2 items short of its 2 for the epoch, and every rank must serve the same batches; remake "
+                "the damaged shards with tool_make_shards.py or leave them out of --data_shards", in_training=True,
+                check=_no_checkpoints(tmp / "run" / "checkpoints"))
+
+
+@row("train-shards-command-fails")
+def _(inputs, tmp, monkeypatch):
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, "pipe:false"),
+                "Shard pipe:false could not be read: the command that streams it exited with status 1; run it in a "
+                "shell to see why, or check the URL.")
+
+
+@row("train-shards-empty-shard")
+def _(inputs, tmp, monkeypatch):
+    folder = _shard_folder(inputs, tmp)
+    tarfile.open(tmp / "empty.tar", "w").close()
+    return Case(tutorial_train.main, _train_shards(inputs, tmp, [folder / "shard-000000.tar", tmp / "empty.tar"]),
+                f"Shard {tmp}/empty.tar holds no items; leave it out of --data_shards or remake the shards with "
+                f"tool_make_shards.py.")
+
 # tool_pretrain_tiny_sd.py (cldm.training.pretrain) and training a VAE
 # ---------------------------------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ index, so the draws are `MyDataset`'s for the same item).
 
 Every rank serves the same number of batches per epoch (DDP needs it): `count // (ranks * batch_size)` whole
 batches, dealt to its workers as the DataLoader takes them, one batch per worker in turn. A reader whose shards hold
-fewer items than its share starts its shards again; one whose shards hold more leaves the rest for later epochs.
+fewer items than its share starts its shards again; one whose shards hold more leaves the rest for later epochs. A
+reader whose shards hold no good item at all (every one skipped by `--skip_bad_samples`) stops with a ValueError
+instead of ending its epoch early, which would leave the other ranks waiting.
 
 Resuming is at shard granularity: each reader skips the shards it had read through before the checkpoint (from the
 count of batches done) and starts afresh at the next one, so the items of that partly read shard which were already
@@ -20,13 +22,16 @@ epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
 import random
+import re
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import pytorch_lightning as pl
@@ -74,7 +79,16 @@ def shard_list(specs: Sequence[str]) -> tuple[list[str], list[int]]:
         if folder not in beside:
             beside[folder] = _manifest_shards(folder) if os.path.isfile(os.path.join(folder, MANIFEST_NAME)) else {}
     counts = [count if count is not None else beside.get(os.path.dirname(url), {}).get(url) for url, count in listed]
-    return urls, [_count_items(url) if count is None else count for url, count in zip(urls, counts)]
+    counts = [_count_items(url) if count is None else count for url, count in zip(urls, counts)]
+    if 0 in counts:
+        raise empty_shard(urls[counts.index(0)])
+    return urls, counts
+
+
+def empty_shard(url: str) -> ValueError:
+    """The error of a shard that holds no items."""
+    return ValueError(f"Shard {url} holds no items; leave it out of --data_shards or remake the shards with "
+                      f"tool_make_shards.py.")
 
 
 def _check_shards(urls: Sequence[str]) -> None:
@@ -125,8 +139,23 @@ def _manifest(folder: str, flag: str) -> dict:
 
 def _count_items(url: str) -> int:
     """The items of the shard `url`, read once."""
-    with wds.gopen(url) as stream:
+    with open_shard(url) as stream:
         return sum(1 for _ in shard_items(stream, url))
+
+
+@contextlib.contextmanager
+def open_shard(url: str) -> Iterator[BinaryIO]:
+    """`wds.gopen(url)`, where a `pipe:` command or a download that fails (webdataset's OSError with the command's
+    exit status) is a ValueError naming the shard."""
+    try:
+        with wds.gopen(url) as stream:
+            yield stream
+    except OSError as error:
+        status = re.search(r": exit (-?\d+) \(read\)", str(error))
+        if status is None:
+            raise
+        raise ValueError(f"Shard {url} could not be read: the command that streams it exited with status "
+                         f"{status.group(1)}; run it in a shell to see why, or check the URL.") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,23 +227,38 @@ class ShardStream(IterableDataset):
         mine = list(wds.split_by_worker(wds.split_by_node(self.epoch_order())))
         batches = _dealt(self.batches_per_rank, workers, worker)
         done = _dealt(start, workers, worker) * self.batch_size
-        samples = (self._sample(*item) for item in self._rounds(mine, done, [rank, worker]))
-        return itertools.islice((sample for sample in samples if sample is not None), batches * self.batch_size - done)
+        share = batches * self.batch_size - done
+        return self._served(itertools.islice(self._rounds(mine, done, [rank, worker]), share), share, rank, worker)
 
-    def _rounds(self, shards: list[int], items_done: int,
-                reader: list[int]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """The raw items of `shards`, round after round, each round through its own shuffle buffer (seeded by the
+    def _served(self, samples: Iterator[dict[str, np.ndarray | str]], share: int, rank: int,
+                worker: int) -> Iterator[dict[str, np.ndarray | str]]:
+        """`samples`, then a ValueError if they were fewer than the reader's `share`: a rank that ended its epoch
+        early would leave the other ranks of DDP waiting for it (a rank that stops with the error makes them stop too,
+        as with any rank's error)."""
+        served = 0
+        for sample in samples:
+            served += 1
+            yield sample
+        if served < share:
+            raise ValueError(f"--skip_bad_samples skipped every item of the shards that rank {rank} (DataLoader "
+                             f"worker {worker}) reads, which leaves it {share - served} items short of its {share} "
+                             f"for the epoch, and every rank must serve the same batches; remake the damaged shards "
+                             f"with tool_make_shards.py or leave them out of --data_shards")
+
+    def _rounds(self, shards: list[int], items_done: int, reader: list[int]) -> Iterator[dict[str, np.ndarray | str]]:
+        """The decoded items of `shards`, round after round, each round through its own shuffle buffer (seeded by the
         epoch, the `reader` and the round); the first round leaves out the shards whose items all lie within the
-        first `items_done`. Ends when a later round yields nothing (no shard, or only bad items skipped)."""
+        first `items_done`. Bad items skipped by `skip_bad_samples` are left out; ends when a later round yields no
+        item (no shard, or only bad items)."""
         for round_number in itertools.count():
             unread = _unread(shards, [self.counts[index] for index in shards], items_done) if round_number == 0 \
                 else shards
             seed = np.random.SeedSequence([self.seed, self.epoch, *reader, round_number]).generate_state(1)[0]
             shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(int(seed)))
             yielded = False
-            for item in shuffle(self._raw_items(unread)):
+            for sample in filter(None, (self._sample(*item) for item in shuffle(self._raw_items(unread)))):
                 yielded = True
-                yield item
+                yield sample
             if not yielded and round_number > 0:
                 return
 
@@ -223,7 +267,7 @@ class ShardStream(IterableDataset):
         for index in shards:
             url = self.urls[index]
             try:
-                with wds.gopen(url) as stream:
+                with open_shard(url) as stream:
                     for key, members in shard_items(stream, url):
                         yield url, key, members
             except ValueError as error:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import webdataset as wds
 from pytorch_lightning.utilities import rank_zero_info
 
-from cldm.data.shard_stream import ShardStream, shard_list
+from cldm.data.shard_stream import ShardStream, empty_shard, open_shard, shard_list
 from cldm.data.shards import decode_item, shard_items
 from cldm.training.batch_probe import MAX_BATCH
 
@@ -44,8 +43,8 @@ def check_shard_args(args: argparse.Namespace) -> None:
 
 
 def build_shard_stream(args: argparse.Namespace) -> ShardStream:
-    """The stream of `--data_shards` for `--batch_size` on every device of every node; its first item is decoded
-    now, so that a damaged first shard fails before any heavy work."""
+    """The stream of `--data_shards` for `--batch_size` on every device of every node, its shards listed and
+    counted now (`shard_list`), so that a missing or empty shard fails before any heavy work."""
     urls, counts = shard_list(args.data_shards)
     world_size = args.devices * args.num_nodes
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -64,10 +63,14 @@ def build_shard_stream(args: argparse.Namespace) -> ShardStream:
 
 
 def first_item_size(stream: ShardStream) -> tuple[int, int]:
-    """(width, height) of the first item of the first shard, decoded as training decodes it."""
+    """(width, height) of the first item of the first shard, decoded as training decodes it (so that a damaged
+    first shard fails before any heavy work)."""
     url = stream.urls[0]
-    with wds.gopen(url) as file:
-        key, members = next(shard_items(file, url))
+    with open_shard(url) as file:
+        item = next(shard_items(file, url), None)
+    if item is None:
+        raise empty_shard(url)
+    key, members = item
     _, target, _ = decode_item(url, key, members, stream.max_image_pixels, stream.caption)
     return target.shape[1], target.shape[0]
 

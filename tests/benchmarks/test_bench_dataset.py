@@ -22,3 +22,13 @@ def test_benchmark_prints_rates_per_worker_and_workers_needed(capsys):
     per_worker = float(rows["MyDataset item, 1 worker"].removesuffix(" samples/s"))
     folder, shards = rows["workers for 60 samples/s (folder / shards)"].split(" / ")
     assert int(folder) >= 1 and int(shards) >= 1 and per_worker > 0
+
+
+def test_bucket_histogram_of_the_mixed_size_folder(capsys):
+    bench_dataset.main(["--bucket-histogram", "--resolution", "256"])
+    line = capsys.readouterr().out.strip()
+    prefix, histogram = line.split(": ", 1)
+    assert prefix == f"{sum(bench_dataset.MIXED_SIZES.values())} items of 11 sizes, --resolution 256"
+    counts = dict(entry.split(": ") for entry in histogram.split(", "))
+    assert counts["256x256"] == "8"  # the 512x512 and 1000x1000 items
+    assert sum(map(int, counts.values())) == sum(bench_dataset.MIXED_SIZES.values())

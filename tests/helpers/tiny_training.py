@@ -61,9 +61,11 @@ def config_with_model(folder: Path, target: str, **params) -> Path:
     return path
 
 
-def train_args(initial: Path, data: Path, root: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
-    """tutorial_train.py arguments of a short, seeded CPU run with cheap image logs."""
-    return ["--config", str(config), "--resume_path", str(initial), "--data_root", str(data), "--batch_size", "2",
+def train_args(initial: Path, data: Path, root: Path, *extra: str, config: Path = TINY_CONFIG,
+               data_flag: str = "--data_root") -> list[str]:
+    """tutorial_train.py arguments of a short, seeded CPU run with cheap image logs; `data` is passed with
+    `data_flag` (`--data_shards` for shards)."""
+    return ["--config", str(config), "--resume_path", str(initial), data_flag, str(data), "--batch_size", "2",
             "--accelerator", "cpu", "--default_root_dir", str(root), "--seed", "3", "--log_ddim_steps", "1",
             "--log_max_images", "1", *extra]
 
@@ -72,6 +74,23 @@ def subprocess_env() -> dict[str, str]:
     """Environment of training subprocesses: the repository and the helpers importable, one thread each
     (the same numerics in every process, and two processes can share two cores)."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HELPERS)]), "OMP_NUM_THREADS": "1"}
+
+
+def run_python(argv: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """`python argv` in the repository root with `subprocess_env`, its output captured as text."""
+    return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def killed_and_resumed(train_argv: list[str], step: int,
+                       root: Path) -> tuple[subprocess.CompletedProcess, int, subprocess.CompletedProcess]:
+    """tutorial_train.py with `train_argv` (its --default_root_dir `root`), SIGKILLed mid-step at global step `step`
+    (interrupting_train.py), then resumed with `--resume_from_checkpoint last` in a new process: the killed process,
+    the global step of the last.ckpt it left, and the resumed process."""
+    killed = run_python([str(HELPERS / "interrupting_train.py"), "step", str(step), "KILL", "--", *train_argv])
+    left = read_checkpoint(root / "checkpoints" / "last.ckpt", mmap=False)["global_step"]
+    resumed = run_python([str(REPO_ROOT / "tutorial_train.py"), *train_argv, "--resume_from_checkpoint", "last"])
+    return killed, left, resumed
 
 
 def train_in_stops(initial: Path, data: Path, root: Path, stops: list[int], *extra: str) -> dict:

@@ -139,3 +139,15 @@ def test_a_shards_json_may_list_urls_whose_counts_it_gives(data: Path, tmp_path:
     (tmp_path / "remote" / "shards.json").write_text(json.dumps(manifest))
     assert shard_list([str(tmp_path / "remote")]) == (manifest["shards"], [4, 4])
     assert stream.counts == [4, 4]
+
+
+def test_a_reader_whose_items_are_all_skipped_stops_with_an_error(data: Path, tmp_path: Path, caplog) -> None:
+    stream = _stream(data, tmp_path / "shards", 8, shuffle_buffer=1, skip_bad_samples=True)
+    _rewrite(Path(stream.urls[0]), lambda member: (member[0], b"not a png") if member[0].endswith(".hint.png")
+             else member)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as error:
+        list(stream)
+    assert str(error.value) == ("--skip_bad_samples skipped every item of the shards that rank 0 (DataLoader worker 0) "
+                                "reads, which leaves it 8 items short of its 8 for the epoch, and every rank must "
+                                "serve the same batches; remake the damaged shards with tool_make_shards.py or leave "
+                                "them out of --data_shards")

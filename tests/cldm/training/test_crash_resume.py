@@ -21,7 +21,8 @@ import torch
 from cldm.checkpoints.atomic import stale_temporary_files
 from ldm.checkpoint import read_checkpoint
 
-from tiny_training import HELPERS, REPO_ROOT, make_data, make_initial_weights, subprocess_env, train_args
+from tiny_training import (HELPERS, REPO_ROOT, make_data, make_initial_weights, run_python, subprocess_env,
+                           train_args)
 
 pytestmark = pytest.mark.slow  # every test shares the set-up of killed and resumed training runs
 
@@ -45,11 +46,6 @@ class Interrupted:
     output: str
     checkpoints: dict[str, int]  # file name -> global step, for every *.ckpt in checkpoints/
     temporary_files: list[str]
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
 
 
 def _loadable_checkpoints(folder: Path) -> dict[str, int]:
@@ -81,11 +77,11 @@ def runs(tmp_path_factory) -> dict:
         resume = ["--resume_from_checkpoint", "last"] if index else []
         argv = [str(HELPERS / "interrupting_train.py"), where, str(step), signal_name, "--",
                 *train_args(initial, data, root, *COMMON, *resume)]
-        result = _run(argv)
+        result = run_python(argv)
         interrupted.append(Interrupted(where, signal_name, result.returncode, result.stdout + result.stderr,
                                        _loadable_checkpoints(checkpoints),
                                        [path.name for path in stale_temporary_files(checkpoints)]))
-    final = _run([str(REPO_ROOT / "tutorial_train.py"),
+    final = run_python([str(REPO_ROOT / "tutorial_train.py"),
                   *train_args(initial, data, root, *COMMON, "--resume_from_checkpoint", "last")])
     reference_output = reference.communicate(timeout=TIMEOUT_S)[0]
     return dict(reference=(reference.returncode, reference_output, reference_root), final=final, root=root,

@@ -30,8 +30,7 @@ def _train_in_stops(inputs: tuple[Path, Path], root: Path, stops: list[int], *ex
     for index, max_steps in enumerate(stops):
         argv = train_args(initial, shards, root, "--max_steps", str(max_steps), "--logger_freq", "1000",
                           "--shuffle_buffer", "1", "--prompt_dropout", "0.5", *extra,
-                          *(("--resume_from_checkpoint", "last") if index else ()))
-        argv[argv.index("--data_root")] = "--data_shards"
+                          *(("--resume_from_checkpoint", "last") if index else ()), data_flag="--data_shards")
         assert tutorial_train.main(argv) == 0
     return read_checkpoint(root / "checkpoints" / "last.ckpt", mmap=False)
 
