@@ -19,7 +19,7 @@ from cldm import flags
 from cldm.cli import add_debug_argument, run
 from cldm.training.pretrain import PretrainSettings, pretrain, settings_from
 
-DEFAULTS = PretrainSettings(config="./models/cldm_tiny.yaml", out="./models/tiny_sd_pretrained.ckpt",
+DEFAULTS = PretrainSettings(config="./models/cldm_demo.yaml", out="./models/demo_sd.ckpt",
                             work_dir="./pretrain_work")
 
 

@@ -61,20 +61,21 @@ SCALED_STD_RANGE = (0.5, 2.0)
 
 @dataclass
 class PretrainSettings:
-    """What `pretrain` trains on and how; the tool's flags (see tool_pretrain_tiny_sd.py for their meaning)."""
+    """What `pretrain` trains on and how; the tool's flags (see tool_pretrain_tiny_sd.py for their meaning). The
+    defaults are the recipe measured on models/cldm_demo.yaml (benchmarks/results.md, "demo base")."""
 
     config: str
     out: str
     work_dir: str
     data_root: str | None = None
-    count: int = 2000
+    count: int = 20000
     size: int = 64
-    vae_steps: int = 2000
-    vae_learning_rate: float = 1e-3
-    vae_batch_size: int = 16
+    vae_steps: int = 3000
+    vae_learning_rate: float = 2e-3
+    vae_batch_size: int = 8
     kl_weight: float = 1e-6
     vae_initial_logvar: float = -8.0
-    unet_steps: int = 4000
+    unet_steps: int = 3000
     unet_learning_rate: float = 1e-3
     unet_batch_size: int = 16
     prompt_dropout: float = 0.1
