@@ -1,8 +1,7 @@
 """Pretrain a tiny Stable Diffusion base from scratch on Fill50K targets: the VAE, then the text-conditioned UNet.
 
-    python tool_pretrain_tiny_sd.py --config models/cldm_tiny.yaml --out ./models/tiny_sd_pretrained.ckpt
-    python tool_add_control.py ./models/tiny_sd_pretrained.ckpt ./models/control_tiny_ini.ckpt \\
-        --config models/cldm_tiny.yaml
+    python tool_pretrain_tiny_sd.py --config models/cldm_demo.yaml --out ./models/demo_sd.ckpt
+    python tool_add_control.py ./models/demo_sd.ckpt ./models/control_demo_ini.ckpt --config models/cldm_demo.yaml
 
 Without --data_root, --count Fill50K pairs of --size px are generated in --work_dir. The run is deterministic for a
 --seed; the finished VAE stage is kept in --work_dir (vae-<hash>.ckpt) and reused by a later run with the same VAE
