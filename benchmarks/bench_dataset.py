@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -117,6 +118,20 @@ def time_shards(urls: list[str], stream: ShardStream) -> tuple[float, float]:
     return read_rate, count / (time.perf_counter() - started)
 
 
+def as_image_folder(fill50k: MyDataset, folder: Path) -> Path:
+    """The pairs of the Fill50K data set `fill50k` in the image-folder layout (metadata.jsonl with diffusers' column
+    names), its images hard links to the same files."""
+    folder.mkdir()
+    rows = []
+    for record in fill50k.data:
+        for key in IMAGE_KEYS:
+            (folder / key).mkdir(exist_ok=True)
+            os.link(Path(fill50k.root, record[key]), folder / record[key])
+        rows.append({"image": record["target"], "conditioning_image": record["source"], "text": record["prompt"]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return folder
+
+
 def write_mixed_sizes(folder: Path, sizes: dict[tuple[int, int], int]) -> Path:
     """An image-folder data set (metadata.jsonl) of flat-coloured pairs: `sizes[(width, height)]` items of each
     size."""
@@ -167,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("decode only (2 PNGs), 1 worker", f"{time_decode(dataset):.1f} pairs/s"))
         per_worker = time_one_worker(dataset)
         rows.append(("MyDataset item, 1 worker", f"{per_worker:.1f} samples/s"))
+        image_folder = MyDataset(root=str(as_image_folder(dataset, Path(scratch) / "image_folder")),
+                                 resolution=resolution)
+        rows.append(("image folder (metadata.jsonl): MyDataset item, 1 worker",
+                     f"{time_one_worker(image_folder):.1f} samples/s"))
         make_shards(str(folder), Path(scratch) / "shards", args.shard_size)
         urls, counts = shard_list([str(Path(scratch) / "shards")])
         stream = ShardStream(urls, counts, args.batch_size, 1, seed=0, resolution=resolution)
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     for gpu_rate in args.gpu_samples_per_s:
         rows.append((f"workers for {gpu_rate:g} samples/s (folder / shards)",
                      f"{math.ceil(gpu_rate / per_worker)} / {math.ceil(gpu_rate / shard_rate)}"))
-    print(f"Fill50K layout and its shards, {args.pairs} pairs of {args.size} px PNGs, --resolution {resolution}")
+    print(f"Fill50K layout, the image-folder layout and shards of the same {args.pairs} pairs of {args.size} px PNGs, --resolution {resolution}")
     print()
     print("\n".join(markdown_table(("what", "rate"), rows)))
 
