@@ -4,7 +4,8 @@ One worker's rate is `MyDataset[i]` in a loop in this process (read both PNGs, c
 `--resolution`, make the float hint and target): a DataLoader worker does exactly that, then pickles the sample to
 the main process. The shard rows do the same from the folder's WebDataset shards (tool_make_shards.py,
 `--shard-size` items each): "read tar members only" streams the members without decoding them, "ShardStream item"
-is one reader of `--data_shards` (read, shuffle buffer, decode, frame), the same work as a `MyDataset` item.
+is one reader of `--data_shards` (read, shuffle buffer, decode, frame), the same work as a `MyDataset` item. The
+image-folder row reads the same pairs through a metadata.jsonl (hard links to the same files).
 "decode only" is the two `cv2.imread`s of a pair, the floor of any PNG layout. The DataLoader rows add batching
 and, with workers, inter-process transfer; on a machine with fewer free cores than workers they show the cores, not
 the loader. "workers for N samples/s" is ceil(N / one worker's rate) for the GPU training rates
