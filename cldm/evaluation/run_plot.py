@@ -30,8 +30,10 @@ METRICS_FILENAME = "metrics.csv"
 PLOT_FILENAME = "run.png"
 _VERSION_DIRNAME = re.compile(r"^version_(\d+)$")
 
-# The training loss, by preference: the optimised loss per step, then the original's other names for it.
-LOSS_COLUMNS = ("train/loss_step", "train/loss", "train/loss_simple_step", "train/loss_simple")
+# The training loss, by preference: the optimised loss per step, then the original's other names for it, then a
+# VAE's (AutoencoderKL.training_step, the first stage of tool_pretrain_tiny_sd.py).
+LOSS_COLUMNS = ("train/loss_step", "train/loss", "train/loss_simple_step", "train/loss_simple",
+                "train/total_loss_step", "train/total_loss")
 LEARNING_RATE_PREFIX = "lr-"  # LearningRateMonitor: `lr-<optimizer class>`, `/pg<N>` per extra parameter group
 VALIDATION_PREFIX = "val/"
 

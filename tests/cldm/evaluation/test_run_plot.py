@@ -93,6 +93,13 @@ def test_a_curve_that_was_not_logged_has_no_panel(tmp_path):
     assert Image.open(tmp_path / "run.png").size == picture_size(1)
 
 
+def test_a_vae_run_shows_its_total_loss(tmp_path):
+    write_log(tmp_path, 0, [{"step": step, "train/total_loss_step": 1.0, "train/rec_loss_step": 0.9}
+                            for step in range(4)])
+
+    assert select_curves(read_metrics(tmp_path)).loss_name == "train/total_loss_step"
+
+
 def test_smoothing_is_a_bias_corrected_exponential_moving_average():
     values = np.array([0.0, 1.0, 1.0])
     np.testing.assert_array_equal(smooth(values, 0.0), values)
