@@ -236,12 +236,11 @@ def vae_checkpoint(settings: PretrainSettings, dataset: MyDataset) -> Path:
     return Path(settings.work_dir, VAE_CHECKPOINT.format(settings=digest))
 
 
-def _vae_stage(settings: PretrainSettings, root: str, on_gpu: bool) -> pl.LightningModule | None:
-    """The trained VAE: read from the work folder when an earlier run finished the same stage, else trained and
-    saved there; None if training was stopped early."""
+def _vae_stage(settings: PretrainSettings, dataset: MyDataset, on_gpu: bool) -> pl.LightningModule | None:
+    """The VAE trained on the targets of `dataset`: read from the work folder when an earlier run finished the same
+    stage, else trained and saved there; None if training was stopped early."""
     pl.seed_everything(settings.seed, workers=True)
     vae = build_vae(settings.config, settings.kl_weight, settings.vae_learning_rate, settings.vae_initial_logvar)
-    dataset = _dataset(root, prompt_dropout=0.0, seed=settings.seed)
     path = vae_checkpoint(settings, dataset)
     if path.is_file():
         vae.load_state_dict(load_state_dict(path))
@@ -278,17 +277,18 @@ def _pretrain_stages(settings: PretrainSettings) -> int:
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
     on_gpu = settings.accelerator in ("gpu", "cuda")
     root = _data_root(settings)
-    vae = _vae_stage(settings, root, on_gpu)
+    targets = _dataset(root, prompt_dropout=0.0, seed=settings.seed)
+    vae = _vae_stage(settings, targets, on_gpu)
     if vae is None:
         return EXIT_INTERRUPTED
-    std = latent_std(vae, _dataset(root, prompt_dropout=0.0, seed=settings.seed), settings.vae_batch_size)
+    std = latent_std(vae, targets, settings.vae_batch_size)
     rank_zero_info(f"vae: latent std {std:.4f}, so 1/std = {1.0 / std:.4f}")
     check_scale_factor(settings.config, std)
 
     pl.seed_everything(settings.seed, workers=True)
     base = build_base(settings.config, vae, settings.seed, settings.unet_learning_rate)
-    loader = _loader(_dataset(root, settings.prompt_dropout, settings.seed), settings.unet_batch_size,
-                     settings.seed, on_gpu)
+    pairs = MyDataset(root=root, prompt_dropout=settings.prompt_dropout, seed=settings.seed)  # checked as `targets`
+    loader = _loader(pairs, settings.unet_batch_size, settings.seed, on_gpu)
     if not _train_stage("unet", base, loader, settings.unet_steps, "train/loss", settings):
         return EXIT_INTERRUPTED
     save_state_dict(base.state_dict(), settings.out)
