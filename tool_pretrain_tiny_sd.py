@@ -1,7 +1,9 @@
 """Pretrain a tiny Stable Diffusion base from scratch on Fill50K targets: the VAE, then the text-conditioned UNet.
 
-    python tool_pretrain_tiny_sd.py --config models/cldm_demo.yaml --out ./models/demo_sd.ckpt
-    python tool_add_control.py ./models/demo_sd.ckpt ./models/control_demo_ini.ckpt --config models/cldm_demo.yaml
+    python tool_pretrain_tiny_sd.py --config models/cldm_demo.yaml --out ./my_demo_sd.safetensors --half
+    python tool_add_control.py ./my_demo_sd.safetensors ./models/control_demo_ini.ckpt --config models/cldm_demo.yaml
+
+With its defaults and --half --overwrite it remakes models/demo_sd.safetensors, the base `make demo` trains on.
 
 Without --data_root, --count Fill50K pairs of --size px are generated in --work_dir. The run is deterministic for a
 --seed; the finished VAE stage is kept in --work_dir (vae-<hash>.ckpt) and reused by a later run with the same VAE
@@ -18,7 +20,7 @@ from cldm import flags
 from cldm.cli import add_debug_argument, run
 from cldm.training.pretrain import PretrainSettings, pretrain, settings_from
 
-DEFAULTS = PretrainSettings(config="./models/cldm_demo.yaml", out="./models/demo_sd.ckpt",
+DEFAULTS = PretrainSettings(config="./models/cldm_demo.yaml", out="./models/demo_sd.safetensors",
                             work_dir="./pretrain_work")
 
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", type=flags.path, default=DEFAULTS.out, help="base checkpoint to write, .ckpt or .safetensors "
         "(default: %(default)s)")
     add("--overwrite", action="store_true", help="replace an existing --out")
+    add("--half", action="store_true", help="store the base's floating-point weights as float16 (half the size)")
     add("--work_dir", type=flags.path, default=DEFAULTS.work_dir, help="logs, generated data and the finished VAE "
         "stage (default: %(default)s)")
     add("--data_root", type=flags.path, default=None, help="a Fill50K-layout data set to train on (default: "
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_flags(add, "vae", "VAE", "Adam")
     add("--kl_weight", type=flags.non_negative_finite_float, default=DEFAULTS.kl_weight,
         help="weight of the VAE's KL term (default: %(default)s)")
+    add("--vae_pixel_loss", choices=("l1", "l2"), default=DEFAULTS.vae_pixel_loss, help="the VAE's pixel error: "
+        "l1 (mean absolute) or l2 (mean squared, which learns Fill50K's hues sooner) (default: %(default)s)")
     add("--vae_initial_logvar", type=flags.real(-30.0, 20.0), default=DEFAULTS.vae_initial_logvar,
         help="the VAE posterior's log-variance at the start, narrow so that the decoder sees the encoder's means "
         "from the first step (default: %(default)s)")
@@ -60,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt_dropout", type=flags.probability, default=DEFAULTS.prompt_dropout, help="probability of an "
         "empty prompt in the UNet stage, which gives the base an unconditional mode for guidance "
         "(default: %(default)s)")
+    add("--train_text_encoder", action=argparse.BooleanOptionalAction, default=DEFAULTS.train_text_encoder,
+        help="train the text encoder, random at the start, with the UNet; --no-train_text_encoder keeps it "
+        "frozen random (default: %(default)s)")
     add("--seed", type=flags.seed, default=DEFAULTS.seed, help="seed of the data, weights and noise "
         "(default: %(default)s)")
     add("--accelerator", choices=("cpu", "gpu"), default=DEFAULTS.accelerator, help="where to train "

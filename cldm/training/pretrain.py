@@ -4,8 +4,9 @@ From a ControlLDM config, two stages train the base that a ControlNet of that co
 
 1. the VAE (`first_stage_config`) learns to reconstruct the data set's targets (`ReconstructionKLLoss`);
 2. the text-conditioned UNet (`unet_config`, as a plain `UNetModel`) learns to denoise their latents, inside the
-   `LatentDiffusion` of the same base (`base_model_config`), with the stage-1 VAE frozen and a seeded random text
-   encoder (initialised as `tool_make_random_sd.py` does).
+   `LatentDiffusion` of the same base (`base_model_config`), with the stage-1 VAE frozen and a text encoder that
+   starts from seeded random weights (as `tool_make_random_sd.py` makes them) and trains with the UNet (there is no
+   pretrained CLIP offline; a frozen random one leaves the prompt's colours hard to read).
 
 Both stages fit with a Lightning Trainer, the training job's loader, loggers and guards. The result is one
 checkpoint in the Stable Diffusion layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`)
@@ -29,6 +30,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from cldm.checkpoints.extraction import to_half
 from cldm.checkpoints.lightning_io import AtomicCheckpointIO
 from cldm.checkpoints.paths import check_output_path
 from cldm.checkpoints.random_weights import randomize_
@@ -70,18 +72,21 @@ class PretrainSettings:
     data_root: str | None = None
     count: int = 20000
     size: int = 64
-    vae_steps: int = 3000
-    vae_learning_rate: float = 2e-3
+    vae_steps: int = 6000
+    vae_learning_rate: float = 1e-3
     vae_batch_size: int = 8
     kl_weight: float = 1e-6
+    vae_pixel_loss: str = "l2"
     vae_initial_logvar: float = -8.0
     unet_steps: int = 3000
     unet_learning_rate: float = 1e-3
     unet_batch_size: int = 16
     prompt_dropout: float = 0.1
+    train_text_encoder: bool = True
     seed: int = 0
     accelerator: str = "cpu"
     devices: int = 1
+    half: bool = False
     overwrite: bool = False
 
 
@@ -109,17 +114,17 @@ def base_model_config(config_path: PathLike) -> DictConfig:
     return OmegaConf.create({"target": LATENT_DIFFUSION, "params": base})
 
 
-def build_vae(config_path: PathLike, kl_weight: float, learning_rate: float,
-              initial_logvar: float = 0.0) -> pl.LightningModule:
-    """The `AutoencoderKL` of the config's `first_stage_config`, trained by a `ReconstructionKLLoss` on the
-    images under the config's `first_stage_key`.
+def build_vae(config_path: PathLike, kl_weight: float, learning_rate: float, initial_logvar: float = 0.0,
+              pixel_loss: str = "l1") -> pl.LightningModule:
+    """The `AutoencoderKL` of the config's `first_stage_config`, trained by a `ReconstructionKLLoss` (with the
+    `pixel_loss` "l1" or "l2") on the images under the config's `first_stage_key`.
 
     The posterior's log-variance starts at `initial_logvar` everywhere (the bias of the log-variance half of
     `quant_conv`): a fresh encoder's means are small, and unit-variance posterior samples would bury them in noise
     until the encoder learnt to narrow them; started narrow, the decoder sees the means from the first step, and the
     KL term widens the posterior where the decoder does not need the precision."""
     params = _model_params(config_path)
-    loss = {"target": RECONSTRUCTION_LOSS, "params": {"kl_weight": kl_weight}}
+    loss = {"target": RECONSTRUCTION_LOSS, "params": {"kl_weight": kl_weight, "pixel_loss": pixel_loss}}
     vae = instantiate_from_config(params.first_stage_config, lossconfig=loss, learning_rate=learning_rate,
                                   image_key=params.get("first_stage_key", "jpg"))
     with torch.no_grad():
@@ -127,9 +132,15 @@ def build_vae(config_path: PathLike, kl_weight: float, learning_rate: float,
     return vae
 
 
-def build_base(config_path: PathLike, vae: torch.nn.Module, seed: int, learning_rate: float) -> pl.LightningModule:
-    """The base `LatentDiffusion` with the trained `vae`, a text encoder random from `seed` and a new UNet."""
-    model = instantiate_from_config(base_model_config(config_path), learning_rate=learning_rate)
+def build_base(config_path: PathLike, vae: torch.nn.Module, seed: int, learning_rate: float,
+               train_text_encoder: bool = False) -> pl.LightningModule:
+    """The base `LatentDiffusion` with the trained `vae`, a text encoder random from `seed` and a new UNet; with
+    `train_text_encoder` the text encoder trains with the UNet (`cond_stage_trainable`), else it stays frozen."""
+    config = base_model_config(config_path)
+    if train_text_encoder:
+        config.params.cond_stage_trainable = True
+        OmegaConf.update(config, "params.cond_stage_config.params.freeze", False, force_add=True)
+    model = instantiate_from_config(config, learning_rate=learning_rate)
     model.first_stage_model.load_state_dict(vae.state_dict())
     randomize_(model.cond_stage_model, torch.Generator().manual_seed(seed))
     return model
@@ -231,7 +242,8 @@ def vae_checkpoint(settings: PretrainSettings, dataset: MyDataset) -> Path:
              "index_sha256": hashlib.sha256(Path(dataset.index_path).read_bytes()).hexdigest(),
              "root": str(Path(dataset.root).absolute()), "seed": settings.seed, "steps": settings.vae_steps,
              "learning_rate": settings.vae_learning_rate, "batch_size": settings.vae_batch_size,
-             "kl_weight": settings.kl_weight, "initial_logvar": settings.vae_initial_logvar}
+             "kl_weight": settings.kl_weight, "initial_logvar": settings.vae_initial_logvar,
+             "pixel_loss": settings.vae_pixel_loss}
     digest = hashlib.sha256(json.dumps(stage, sort_keys=True).encode()).hexdigest()[:12]
     return Path(settings.work_dir, VAE_CHECKPOINT.format(settings=digest))
 
@@ -240,7 +252,8 @@ def _vae_stage(settings: PretrainSettings, dataset: MyDataset, on_gpu: bool) -> 
     """The VAE trained on the targets of `dataset`: read from the work folder when an earlier run finished the same
     stage, else trained and saved there; None if training was stopped early."""
     pl.seed_everything(settings.seed, workers=True)
-    vae = build_vae(settings.config, settings.kl_weight, settings.vae_learning_rate, settings.vae_initial_logvar)
+    vae = build_vae(settings.config, settings.kl_weight, settings.vae_learning_rate, settings.vae_initial_logvar,
+                    settings.vae_pixel_loss)
     path = vae_checkpoint(settings, dataset)
     if path.is_file():
         vae.load_state_dict(load_state_dict(path))
@@ -286,12 +299,13 @@ def _pretrain_stages(settings: PretrainSettings) -> int:
     check_scale_factor(settings.config, std)
 
     pl.seed_everything(settings.seed, workers=True)
-    base = build_base(settings.config, vae, settings.seed, settings.unet_learning_rate)
+    base = build_base(settings.config, vae, settings.seed, settings.unet_learning_rate, settings.train_text_encoder)
     pairs = MyDataset(root=root, prompt_dropout=settings.prompt_dropout, seed=settings.seed)  # checked as `targets`
     loader = _loader(pairs, settings.unet_batch_size, settings.seed, on_gpu)
     if not _train_stage("unet", base, loader, settings.unet_steps, "train/loss", settings):
         return EXIT_INTERRUPTED
-    save_state_dict(base.state_dict(), settings.out)
+    weights = base.state_dict()
+    save_state_dict(to_half(weights) if settings.half else weights, settings.out)
     rank_zero_info(f"Base checkpoint: {settings.out}")
     rank_zero_info(f"Next: python tool_add_control.py {settings.out} <control_ini.ckpt> --config {settings.config}")
     return 0

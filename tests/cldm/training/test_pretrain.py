@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 
 import tool_add_control
 import tool_pretrain_tiny_sd
+from cldm.checkpoints.extraction import to_half
 from cldm.checkpoints.kinds import CONTROL_PREFIX
 from cldm.model import create_model
-from cldm.training.pretrain import base_model_config, build_vae
+from cldm.training.pretrain import base_model_config, build_base, build_vae
 from ldm.checkpoint import read_state_dict
 from ldm.util import instantiate_from_config
 from tests.helpers.paths import TINY_CONFIG
@@ -30,9 +31,9 @@ def config(tmp_path_factory) -> Path:
     return path
 
 
-def _pretrain(config: Path, work_dir: Path, out: Path) -> int:
+def _pretrain(config: Path, work_dir: Path, out: Path, *extra: str) -> int:
     argv = ["--config", config, "--work_dir", work_dir, "--out", out, "--count", "8", "--vae_steps", "2",
-            "--vae_batch_size", "4", "--unet_steps", "2", "--unet_batch_size", "4", "--seed", "5"]
+            "--vae_batch_size", "4", "--unet_steps", "2", "--unet_batch_size", "4", "--seed", "5", *extra]
     return tool_pretrain_tiny_sd.main([str(arg) for arg in argv])
 
 
@@ -50,7 +51,8 @@ def test_base_config_has_the_stable_diffusion_layout() -> None:
 
 def test_pretrain_end_to_end(config: Path, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO)
-    first, second, continued = tmp_path / "first.ckpt", tmp_path / "second.ckpt", tmp_path / "continued.ckpt"
+    first, second = tmp_path / "first.ckpt", tmp_path / "second.ckpt"
+    continued = tmp_path / "continued.safetensors"
     assert _pretrain(config, tmp_path / "work", first) == 0
     out = caplog.text
     assert "vae: 2 steps" in out and "unet: 2 steps" in out and "1/std = " in out
@@ -58,11 +60,12 @@ def test_pretrain_end_to_end(config: Path, tmp_path: Path, caplog) -> None:
     # The same seed in a new work folder: the same weights.
     assert _pretrain(config, tmp_path / "other_work", second) == 0
     assert _differing(read_state_dict(first), read_state_dict(second)) == []
-    # The finished VAE stage is reused, and the UNet stage is the same as after training it.
+    # The finished VAE stage is reused, and the UNet stage is the same as after training it; --half stores it
+    # in float16.
     assert len(list((tmp_path / "work").glob("vae-*.ckpt"))) == 1
-    assert _pretrain(config, tmp_path / "work", continued) == 0
+    assert _pretrain(config, tmp_path / "work", continued, "--half") == 0
     assert "vae: using the finished stage" in caplog.text
-    assert _differing(read_state_dict(first), read_state_dict(continued)) == []
+    assert _differing(read_state_dict(continued), to_half(read_state_dict(first))) == []
     # tool_add_control.py takes it as a Stable Diffusion checkpoint of the config, strictly.
     initial = tmp_path / "control_ini.ckpt"
     assert tool_add_control.main([str(first), str(initial), "--config", str(config)]) == 0
@@ -77,3 +80,15 @@ def test_the_vae_posterior_starts_at_the_initial_log_variance() -> None:
     # The fresh encoder's output moves the log-variance only a little from the bias it starts at.
     assert abs(float(posterior.logvar.mean()) + 8.0) < 1.0
     assert float(posterior.std.max()) < 0.05
+
+
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_the_text_encoder_trains_with_the_unet_only_when_asked(train_text_encoder: bool) -> None:
+    vae = build_vae(TINY_CONFIG, kl_weight=1e-6, learning_rate=1e-3)
+    base = build_base(TINY_CONFIG, vae, seed=0, learning_rate=1e-3, train_text_encoder=train_text_encoder)
+    text_encoder = list(base.cond_stage_model.parameters())
+    trainable = {id(parameter) for parameter in base.trainable_parameters()}
+    assert all(parameter.requires_grad == train_text_encoder for parameter in text_encoder)
+    assert all((id(parameter) in trainable) == train_text_encoder for parameter in text_encoder)
+    assert not any(parameter.requires_grad for parameter in base.first_stage_model.parameters())
+    assert base.train().cond_stage_model.training == train_text_encoder
