@@ -29,31 +29,34 @@ import torch
 
 from cldm.checkpoints.initial_weights import make_initial_checkpoint
 from cldm.data.dataset import MyDataset
-from cldm.data.fill50k import OUTLINE_THICKNESS, generate_fill50k
+from cldm.data.fill50k import OUTLINE_BGR, OUTLINE_THICKNESS, generate_fill50k, radius_range
 from cldm.evaluation.evaluate import dataset_items, sample_items, score_images
 from cldm.evaluation.metrics import (
-    BACKGROUND_COLOUR_ERROR, CIRCLE_COLOUR_ERROR, COLOUR_ERROR, canny, colour_errors, edge_tolerance, fit_circle,
+    BACKGROUND_COLOUR_ERROR, CIRCLE_COLOUR_ERROR, COLOUR_ERROR, CONTROL_F1, CONTROL_PRECISION, CONTROL_RECALL, canny,
+    colour_errors, edge_tolerance, fit_circle,
 )
 from cldm.sampling import load_control_ldm, to_uint8_images
 
 # A detected circle: at least this fraction of the sample's edge pixels lie on it (within the edge tolerance).
 MIN_SUPPORT = 0.6
-# Fill50K's radii are size/16 .. 5*size/16 (cldm.data.fill50k.sample_item); the fit may miss by this many pixels.
+# The fitted radius may miss Fill50K's range (`radius_range`) by this many pixels.
 RADIUS_SLACK = 2.0
-# What `sample_scores` measures, in the order printed.
+# What the reconstructions are scored by (`control_metrics`) and what `sample_scores` measures, in the order printed.
+RECONSTRUCTION_ROWS = (CONTROL_F1, CONTROL_PRECISION, CONTROL_RECALL, COLOUR_ERROR, CIRCLE_COLOUR_ERROR,
+                       BACKGROUND_COLOUR_ERROR)
 SAMPLE_ROWS = ("circle detected", COLOUR_ERROR, CIRCLE_COLOUR_ERROR, BACKGROUND_COLOUR_ERROR, "centre x std (px)",
                "centre y std (px)")
 
 
 def detect_circle(image: np.ndarray) -> tuple[float, float, float] | None:
     """(x, y, radius) of the circle the image's Canny edges lie on, or None when they do not form one."""
-    size = min(image.shape[:2])
+    smallest, largest = radius_range(min(image.shape[:2]))
     edges = canny(image[None])[0]
     circle = fit_circle(edges)
     if circle is None:
         return None
     x, y, radius = circle
-    if not size / 16 - RADIUS_SLACK <= radius <= size * 5 / 16 + RADIUS_SLACK:
+    if not smallest - RADIUS_SLACK <= radius <= largest + RADIUS_SLACK:
         return None
     rows, columns = np.nonzero(edges)
     on_circle = np.abs(np.hypot(columns - x, rows - y) - radius) <= edge_tolerance(*image.shape[:2])
@@ -64,7 +67,7 @@ def outline_hint(circle: tuple[float, float, float], shape: tuple[int, ...]) -> 
     """A Fill50K-style hint (white outline on black) of `circle`, for `colour_errors`."""
     hint = np.zeros(shape, np.uint8)
     x, y, radius = circle
-    cv2.circle(hint, (round(x), round(y)), round(radius), (255, 255, 255), OUTLINE_THICKNESS, cv2.LINE_AA)
+    cv2.circle(hint, (round(x), round(y)), round(radius), OUTLINE_BGR, OUTLINE_THICKNESS, cv2.LINE_AA)
     return hint
 
 
@@ -118,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{args.base} on {args.count} held-out pairs of {args.size} px, {args.ddim_steps} DDIM steps\n")
     print("| VAE reconstructions | value |\n|---|---|")
-    for name in ("control_f1", "control_precision", "control_recall", "colour_error", "circle_colour_error",
-                 "background_colour_error"):
+    for name in RECONSTRUCTION_ROWS:
         print(f"| {name} | {reconstructed[name]:.3f} |")
     print("\n| samples, guidance scale | " + " | ".join(f"{scale:g}" for scale in args.guidance_scales) + " |")
     print("|---|" + "---|" * len(args.guidance_scales))

@@ -237,11 +237,16 @@ class Fill50KItem:
         }
 
 
+def radius_range(size: int) -> tuple[int, int]:
+    """The smallest and largest circle radius (inclusive) of an item of `size` px."""
+    return size // 16, size * 5 // 16
+
+
 def sample_item(seed: int, index: int, size: int) -> Fill50KItem:
     """Draw item `index` from its own random stream, seeded by (seed, index)."""
     rng = np.random.default_rng([seed, index])
     centre = (int(rng.integers(size)), int(rng.integers(size)))
-    radius = int(rng.integers(size // 16, size * 5 // 16, endpoint=True))
+    radius = int(rng.integers(*radius_range(size), endpoint=True))
     background = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     # Some names share one RGB value ("aqua" and "cyan"): the circle must stay visible.
     candidates = [name for name in COLOUR_NAMES if NAMED_COLOURS[name] != NAMED_COLOURS[background]]

@@ -53,6 +53,7 @@ def test_the_benchmark_prints_its_tables_for_the_shipped_base(capsys) -> None:
     names = [name for name, _ in rows]
     assert names == ["VAE reconstructions", "control_f1", "control_precision", "control_recall", "colour_error",
                      "circle_colour_error", "background_colour_error", "samples, guidance scale",
-                     *eval_demo_base.SAMPLE_ROWS]
+                     "circle detected", "colour_error", "circle_colour_error", "background_colour_error",
+                     "centre x std (px)", "centre y std (px)"]
     assert dict(rows)["samples, guidance scale"] == "1 | 9"
     assert 0.0 <= float(dict(rows)["control_f1"]) <= 1.0

@@ -8,7 +8,6 @@ held-out items (the same items and noise before and after) to rise by at least `
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 import tool_add_control
 import tutorial_train
 from cldm.data.fill50k import generate_fill50k
+from cldm.evaluation.run_plot import read_metrics
 from tests.helpers.paths import MODELS
 
 DEMO_CONFIG = MODELS / "cldm_demo.yaml"
@@ -28,9 +28,9 @@ MARGIN = 0.12
 
 
 def _control_f1(run_dir: Path) -> dict[int, float]:
-    """val/control_f1 of the run's CSV log, by step."""
-    rows = csv.DictReader(open(next((run_dir / "lightning_logs").rglob("metrics.csv"))))
-    return {int(row["step"]): float(row["val/control_f1"]) for row in rows if row.get("val/control_f1")}
+    """val/control_f1 of the run's CSV logs, by step."""
+    series = read_metrics(run_dir)["val/control_f1"]
+    return dict(zip(series.steps.tolist(), series.values.tolist()))
 
 
 @pytest.mark.slow
