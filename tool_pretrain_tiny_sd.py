@@ -18,7 +18,7 @@ from typing import Any
 
 from cldm import flags
 from cldm.cli import add_debug_argument, run
-from cldm.training.pretrain import PretrainSettings, pretrain, settings_from
+from cldm.training.pretrain import LR_SCHEDULES, PretrainSettings, pretrain, settings_from
 
 DEFAULTS = PretrainSettings(config="./models/cldm_demo.yaml", out="./models/demo_sd.safetensors",
                             work_dir="./pretrain_work")
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the VAE posterior's log-variance at the start, narrow so that the decoder sees the encoder's means "
         "from the first step (default: %(default)s)")
     _add_stage_flags(add, "unet", "UNet", "AdamW")
+    add("--unet_lr_schedule", choices=LR_SCHEDULES, default=DEFAULTS.unet_lr_schedule, help="the UNet stage's "
+        "learning rate: constant, or falling along a half cosine to 0 at its last step (default: %(default)s)")
     add("--prompt_dropout", type=flags.probability, default=DEFAULTS.prompt_dropout, help="probability of an "
         "empty prompt in the UNet stage, which gives the base an unconditional mode for guidance "
         "(default: %(default)s)")

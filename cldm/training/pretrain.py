@@ -49,6 +49,9 @@ from ldm.util import instantiate_from_config
 
 LATENT_DIFFUSION = "ldm.models.diffusion.ddpm.LatentDiffusion"
 UNET_MODEL = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+COSINE_SCHEDULER = "ldm.lr_scheduler.LambdaWarmUpCosineScheduler2"
+# The UNet stage's learning-rate schedules (--unet_lr_schedule).
+LR_SCHEDULES = ("constant", "cosine")
 RECONSTRUCTION_LOSS = "ldm.modules.losses.ReconstructionKLLoss"
 # Parameters of a ControlLDM that its base LatentDiffusion does not take.
 CONTROL_PARAMS = ("control_stage_config", "control_key", "only_mid_control", "sd_locked")
@@ -81,6 +84,7 @@ class PretrainSettings:
     unet_steps: int = 3000
     unet_learning_rate: float = 1e-3
     unet_batch_size: int = 16
+    unet_lr_schedule: str = "constant"
     prompt_dropout: float = 0.1
     train_text_encoder: bool = True
     seed: int = 0
@@ -133,10 +137,14 @@ def build_vae(config_path: PathLike, kl_weight: float, learning_rate: float, ini
 
 
 def build_base(config_path: PathLike, vae: torch.nn.Module, seed: int, learning_rate: float,
-               train_text_encoder: bool = False) -> pl.LightningModule:
+               train_text_encoder: bool = False, decay_steps: int | None = None) -> pl.LightningModule:
     """The base `LatentDiffusion` with the trained `vae`, a text encoder random from `seed` and a new UNet; with
-    `train_text_encoder` the text encoder trains with the UNet (`cond_stage_trainable`), else it stays frozen."""
+    `train_text_encoder` the text encoder trains with the UNet (`cond_stage_trainable`), else it stays frozen. With
+    `decay_steps` the learning rate falls from `learning_rate` along a half cosine to 0 over that many steps (its
+    `scheduler_config`), else it stays constant."""
     config = base_model_config(config_path)
+    if decay_steps is not None:
+        config.params.scheduler_config = cosine_decay(decay_steps)
     if train_text_encoder:
         config.params.cond_stage_trainable = True
         OmegaConf.update(config, "params.cond_stage_config.params.freeze", False, force_add=True)
@@ -144,6 +152,12 @@ def build_base(config_path: PathLike, vae: torch.nn.Module, seed: int, learning_
     model.first_stage_model.load_state_dict(vae.state_dict())
     randomize_(model.cond_stage_model, torch.Generator().manual_seed(seed))
     return model
+
+
+def cosine_decay(steps: int) -> DictConfig:
+    """A `scheduler_config` whose learning-rate factor falls from 1 along a half cosine to 0 at step `steps`."""
+    return OmegaConf.create({"target": COSINE_SCHEDULER, "params": {
+        "warm_up_steps": [0], "f_min": [0.0], "f_max": [1.0], "f_start": [1.0], "cycle_lengths": [steps]}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +313,9 @@ def _pretrain_stages(settings: PretrainSettings) -> int:
     check_scale_factor(settings.config, std)
 
     pl.seed_everything(settings.seed, workers=True)
-    base = build_base(settings.config, vae, settings.seed, settings.unet_learning_rate, settings.train_text_encoder)
+    decay_steps = settings.unet_steps if settings.unet_lr_schedule == "cosine" else None
+    base = build_base(settings.config, vae, settings.seed, settings.unet_learning_rate, settings.train_text_encoder,
+                      decay_steps)
     pairs = MyDataset(root=root, prompt_dropout=settings.prompt_dropout, seed=settings.seed)  # checked as `targets`
     loader = _loader(pairs, settings.unet_batch_size, settings.seed, on_gpu)
     if not _train_stage("unet", base, loader, settings.unet_steps, "train/loss", settings):

@@ -92,3 +92,19 @@ def test_the_text_encoder_trains_with_the_unet_only_when_asked(train_text_encode
     assert all((id(parameter) in trainable) == train_text_encoder for parameter in text_encoder)
     assert not any(parameter.requires_grad for parameter in base.first_stage_model.parameters())
     assert base.train().cond_stage_model.training == train_text_encoder
+
+
+def test_the_unet_stage_learning_rate_falls_along_a_half_cosine_only_when_asked() -> None:
+    vae = build_vae(TINY_CONFIG, kl_weight=1e-6, learning_rate=1e-3)
+    constant = build_base(TINY_CONFIG, vae, seed=0, learning_rate=1e-3)
+    assert isinstance(constant.configure_optimizers(), torch.optim.Optimizer)
+
+    decaying = build_base(TINY_CONFIG, vae, seed=0, learning_rate=1e-3, decay_steps=4)
+    [optimizer], [scheduler] = decaying.configure_optimizers()
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler["scheduler"].step()
+    assert scheduler["interval"] == "step"
+    assert rates == pytest.approx([1e-3, 1e-3 * (1 + 2 ** -0.5) / 2, 5e-4, 1e-3 * (1 - 2 ** -0.5) / 2, 0.0])
