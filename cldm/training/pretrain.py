@@ -81,10 +81,10 @@ class PretrainSettings:
     kl_weight: float = 1e-6
     vae_pixel_loss: str = "l2"
     vae_initial_logvar: float = -8.0
-    unet_steps: int = 3000
+    unet_steps: int = 6000
     unet_learning_rate: float = 1e-3
     unet_batch_size: int = 16
-    unet_lr_schedule: str = "constant"
+    unet_lr_schedule: str = "cosine"
     prompt_dropout: float = 0.1
     train_text_encoder: bool = True
     seed: int = 0

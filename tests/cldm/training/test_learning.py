@@ -21,10 +21,10 @@ from tests.helpers.paths import MODELS
 DEMO_CONFIG = MODELS / "cldm_demo.yaml"
 DEMO_BASE = MODELS / "demo_sd.safetensors"
 STEPS = 400
-# Measured on this recipe (benchmarks/results.md, "demo"): 0.026 before, 0.299 after 400 steps (+0.27). A ControlNet
-# that does not learn scores the same F1 at both evaluations (the same items from the same noise, and its zero
-# convolutions still zero), so the margin is under half the measured rise and far above zero.
-MARGIN = 0.12
+# Measured on this recipe (benchmarks/results.md, "demo base v3"): 0.023 before, 0.225 after 400 steps (+0.20). A
+# ControlNet that does not learn scores the same F1 at both evaluations (the same items from the same noise, and its
+# zero convolutions still zero), so the margin is half the measured rise and far above zero.
+MARGIN = 0.1
 
 
 def _control_f1(run_dir: Path) -> dict[int, float]:
