@@ -22,7 +22,7 @@ test: setup
 # CPU, evaluating control on 16 held-out items every 250 steps. Everything goes to $(DEMO_DIR)/ (recreated); the
 # run's picture and its last evaluation grid are copied to docs/demo/ (the README shows them).
 DEMO_DIR ?= demo_run
-DEMO_STEPS ?= 4000
+DEMO_STEPS ?= 3000
 DEMO_LR ?= 3e-4
 DEMO_CONFIG := models/cldm_demo.yaml
 DEMO_BASE := models/demo_sd.safetensors
