@@ -19,6 +19,7 @@ from typing import Any
 from cldm import flags
 from cldm.cli import add_debug_argument, run
 from cldm.training.pretrain import LR_SCHEDULES, PretrainSettings, pretrain, settings_from
+from ldm.modules.losses.reconstruction import PIXEL_LOSSES
 
 DEFAULTS = PretrainSettings(config="./models/cldm_demo.yaml", out="./models/demo_sd.safetensors",
                             work_dir="./pretrain_work")
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_flags(add, "vae", "VAE", "Adam")
     add("--kl_weight", type=flags.non_negative_finite_float, default=DEFAULTS.kl_weight,
         help="weight of the VAE's KL term (default: %(default)s)")
-    add("--vae_pixel_loss", choices=("l1", "l2"), default=DEFAULTS.vae_pixel_loss, help="the VAE's pixel error: "
+    add("--vae_pixel_loss", choices=PIXEL_LOSSES, default=DEFAULTS.vae_pixel_loss, help="the VAE's pixel error: "
         "l1 (mean absolute) or l2 (mean squared, which learns Fill50K's hues sooner) (default: %(default)s)")
     add("--vae_initial_logvar", type=flags.real(-30.0, 20.0), default=DEFAULTS.vae_initial_logvar,
         help="the VAE posterior's log-variance at the start, narrow so that the decoder sees the encoder's means "

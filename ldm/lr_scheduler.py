@@ -4,7 +4,7 @@
 `learning_rate` by it at every step. `LambdaWarmUpCosineScheduler2` and `LambdaLinearScheduler` run one or more
 cycles, each a linear warm-up from `f_start` to `f_max` followed by a fall towards `f_min` (a half cosine, or a
 line); a step after the last cycle keeps the last cycle's end. `LambdaWarmUpCosineScheduler` is the one-cycle
-cosine form with its own argument names.
+cosine form under its own argument names.
 """
 from __future__ import annotations
 
@@ -15,31 +15,6 @@ from collections.abc import Sequence
 from itertools import accumulate
 
 logger = logging.getLogger(__name__)
-
-
-class LambdaWarmUpCosineScheduler:
-    """A linear warm-up from `lr_start` to `lr_max` over `warm_up_steps`, then a half cosine down to `lr_min` at
-    `max_decay_steps`, which it keeps."""
-
-    def __init__(self, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int,
-                 verbosity_interval: int = 0):
-        if not 0 <= warm_up_steps < max_decay_steps:
-            raise ValueError(f"warm_up_steps ({warm_up_steps}) must be at least 0 and below max_decay_steps "
-                             f"({max_decay_steps})")
-        self.warm_up_steps = warm_up_steps
-        self.lr_min = lr_min
-        self.lr_max = lr_max
-        self.lr_start = lr_start
-        self.max_decay_steps = max_decay_steps
-        self.verbosity_interval = verbosity_interval
-
-    def schedule(self, n: int) -> float:
-        value = _warm_up_then_cosine(n, self.warm_up_steps, self.max_decay_steps, self.lr_start, self.lr_max,
-                                     self.lr_min)
-        _report(n, value, self.verbosity_interval)
-        return value
-
-    __call__ = schedule
 
 
 class LambdaWarmUpCosineScheduler2:
@@ -83,6 +58,18 @@ class LambdaWarmUpCosineScheduler2:
                                     self.f_start[cycle], self.f_max[cycle], self.f_min[cycle])
 
     __call__ = schedule
+
+
+class LambdaWarmUpCosineScheduler(LambdaWarmUpCosineScheduler2):
+    """One cycle under the original's own argument names: a linear warm-up from `lr_start` to `lr_max` over
+    `warm_up_steps`, then a half cosine down to `lr_min` at `max_decay_steps`, which it keeps."""
+
+    def __init__(self, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int,
+                 verbosity_interval: int = 0):
+        if not 0 <= warm_up_steps < max_decay_steps:
+            raise ValueError(f"warm_up_steps ({warm_up_steps}) must be at least 0 and below max_decay_steps "
+                             f"({max_decay_steps})")
+        super().__init__([warm_up_steps], [lr_min], [lr_max], [lr_start], [max_decay_steps], verbosity_interval)
 
 
 class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
